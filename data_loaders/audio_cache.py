@@ -1,0 +1,113 @@
+"""Decoded, resampled audio kept in one HDF5 file per split, so later runs skip decoding.
+
+Each clip is a float32 dataset keyed by its file name and stamped with the source file's size and
+modification time; the file carries the sample rate. A clip whose source changed is decoded again,
+the rest are copied. Builds go to a temporary file renamed into place at the end, so a killed
+build leaves the previous cache (or none), never a half-written one.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+import soundfile
+import torch
+import torchaudio.functional
+from tqdm import tqdm
+
+
+def source_fingerprint(path: Path) -> str:
+    stat = path.stat()
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def decode_audio(path: Path, sample_rate: int) -> np.ndarray:
+    """Mono float32 samples of an audio file at `sample_rate`; unreadable files are named in the error."""
+    try:
+        samples, source_rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+    except (soundfile.LibsndfileError, RuntimeError, OSError) as error:
+        raise ValueError(f"cannot read audio file {path}: {error}") from None
+    if samples.shape[0] == 0:
+        raise ValueError(f"audio file {path} holds no samples")
+    mono = torch.from_numpy(samples.mean(axis=1))
+    if source_rate != sample_rate:
+        mono = torchaudio.functional.resample(mono, source_rate, sample_rate)
+    return mono.numpy().astype(np.float32, copy=False)
+
+
+def _dataset_key(file_name: str) -> str:
+    return file_name.replace("/", "%2F")
+
+
+def stale_clips(cache_path: Path, audio_folder: Path, file_names: list[str], sample_rate: int) -> list[str]:
+    """Clips the cache lacks or holds from an older source file; all of them if the rate differs."""
+    if not cache_path.is_file():
+        return list(file_names)
+    with h5py.File(cache_path, "r") as cache:
+        if cache.attrs.get("sample_rate") != sample_rate:
+            return list(file_names)
+        return [name for name in file_names
+                if _dataset_key(name) not in cache
+                or cache[_dataset_key(name)].attrs.get("source") != source_fingerprint(audio_folder / name)]
+
+
+class _DecodeJobs(torch.utils.data.Dataset):
+    def __init__(self, audio_folder: Path, file_names: list[str], sample_rate: int):
+        self.audio_folder, self.file_names, self.sample_rate = audio_folder, file_names, sample_rate
+
+    def __len__(self) -> int:
+        return len(self.file_names)
+
+    def __getitem__(self, index: int) -> tuple[str, np.ndarray]:
+        name = self.file_names[index]
+        return name, decode_audio(self.audio_folder / name, self.sample_rate)
+
+
+def build_cache(cache_path: Path, audio_folder: Path, file_names: list[str], sample_rate: int,
+                num_workers: int = 0) -> Path:
+    """Bring the cache up to date for exactly `file_names`; decodes only what is stale."""
+    to_decode = stale_clips(cache_path, audio_folder, file_names, sample_rate)
+    if not to_decode:
+        return cache_path
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    partial = cache_path.with_name(cache_path.name + ".partial")
+    partial.unlink(missing_ok=True)
+    reusable = set(file_names) - set(to_decode)
+    jobs = torch.utils.data.DataLoader(_DecodeJobs(audio_folder, to_decode, sample_rate), batch_size=None,
+                                       num_workers=num_workers)
+    with h5py.File(partial, "w") as cache:
+        cache.attrs["sample_rate"] = sample_rate
+        if reusable:
+            with h5py.File(cache_path, "r") as previous:
+                for name in reusable:
+                    previous.copy(previous[_dataset_key(name)], cache, name=_dataset_key(name))
+        for name, samples in tqdm(jobs, total=len(to_decode), desc=f"caching {audio_folder.name} audio",
+                                  unit="clip"):
+            dataset = cache.create_dataset(_dataset_key(name), data=samples)
+            dataset.attrs["source"] = source_fingerprint(audio_folder / name)
+    os.replace(partial, cache_path)
+    return cache_path
+
+
+class AudioCache:
+    """Read side of the cache; opens the HDF5 file lazily so each DataLoader worker gets its own handle."""
+
+    def __init__(self, cache_path: Path):
+        self.cache_path = cache_path
+        self._file: h5py.File | None = None
+
+    def _clip(self, file_name: str) -> h5py.Dataset:
+        if self._file is None:
+            self._file = h5py.File(self.cache_path, "r")
+        return self._file[_dataset_key(file_name)]
+
+    def read(self, file_name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        return self._clip(file_name)[start:stop]
+
+    def length(self, file_name: str) -> int:
+        return self._clip(file_name).shape[0]
+
+    def __getstate__(self) -> dict:
+        return {"cache_path": self.cache_path, "_file": None}

@@ -1,0 +1,123 @@
+"""PaSST (hear21passt) applied window by window to 32 kHz clips."""
+from __future__ import annotations
+
+import contextlib
+import io
+import urllib.error
+from dataclasses import dataclass
+
+import torch
+from hear21passt.models import passt as hear21passt_models
+from hear21passt.models.preprocess import AugmentMelSTFT
+from torch import nn
+
+from models.audio.windowing import split_into_windows
+
+SAMPLE_RATE = 32000
+MEL_HOP_SAMPLES = 320
+MEL_BINS = 128
+
+
+@dataclass(frozen=True)
+class PasstVariant:
+    """One selectable PaSST configuration; `arch` set means the published, downloadable weights."""
+    embed_dim: int
+    depth: int
+    num_heads: int
+    patch_stride: int
+    max_window_seconds: float
+    arch: str | None = None
+
+
+PASST_VARIANTS = {
+    # PaSST-S trained on AudioSet (SWA, mAP .476), as in the published stage-1 systems.
+    "passt": PasstVariant(embed_dim=768, depth=12, num_heads=12, patch_stride=10, max_window_seconds=10.0,
+                          arch="passt_s_swa_p16_128_ap476"),
+    # Same architecture, narrow and shallow, random init: for CPUs, demos and tests.
+    "passt_small": PasstVariant(embed_dim=96, depth=2, num_heads=4, patch_stride=16, max_window_seconds=30.0),
+}
+
+
+def mel_frames(window_samples: int) -> int:
+    """Spectrogram frames hear21passt's front end yields for one window (pre-emphasis drops a sample)."""
+    return (window_samples - 1) // MEL_HOP_SAMPLES + 1
+
+
+def _build_passt(variant_name: str, variant: PasstVariant, window_samples: int, pretrained: bool,
+                 s_patchout_t: int, s_patchout_f: int) -> nn.Module:
+    if variant.arch is None:
+        if pretrained:
+            raise ValueError(f"audio_features.model={variant_name!r} has no pretrained weights; "
+                             f"set audio_features.model_config.pretrained=False or use model='passt'")
+        network = hear21passt_models.PaSST(
+            img_size=(MEL_BINS, mel_frames(window_samples)), patch_size=16,
+            stride=variant.patch_stride, embed_dim=variant.embed_dim, depth=variant.depth,
+            num_heads=variant.num_heads, distilled=True, num_classes=0,
+            s_patchout_t=s_patchout_t, s_patchout_f=s_patchout_f)
+    else:
+        try:
+            # get_model prints the whole network; keep the run's log readable.
+            with contextlib.redirect_stdout(io.StringIO()):
+                network = hear21passt_models.get_model(
+                    arch=variant.arch, pretrained=pretrained, n_classes=527,
+                    fstride=variant.patch_stride, tstride=variant.patch_stride, input_tdim=998,
+                    s_patchout_t=s_patchout_t, s_patchout_f=s_patchout_f)
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as error:
+            raise RuntimeError(
+                f"PaSST weights '{variant.arch}' could not be downloaded ({error}). Fetch them once on a "
+                f"machine with internet (they are cached under $TORCH_HOME/hub/checkpoints, default "
+                f"~/.cache/torch/hub/checkpoints; see README, 'Pretrained weights') or set "
+                f"audio_features.model_config.pretrained=False") from None
+    # Only the token embeddings are used: drop the AudioSet classifier so it holds no parameters.
+    network.head = nn.Identity()
+    network.head_dist = None
+    hear21passt_models.first_RUN = False  # silences hear21passt's per-shape debug prints
+    return network
+
+
+class PasstEncoder(nn.Module):
+    """Window embeddings of zero-padded clips: (batch, windows, embed_dim) and a mask of real windows.
+
+    Windows that hold only padding never reach the transformer; their rows are zero and masked.
+    """
+
+    def __init__(self, model: str = "passt", window_seconds: float = 10.0, hop_seconds: float = 10.0,
+                 pretrained: bool = True, s_patchout_t: int = 0, s_patchout_f: int = 0,
+                 freqm: int = 48, timem: int = 192, frozen: bool = False):
+        super().__init__()
+        if model not in PASST_VARIANTS:
+            raise ValueError(f"audio_features.model={model!r} is unknown; choices: {', '.join(PASST_VARIANTS)}")
+        variant = PASST_VARIANTS[model]
+        if not 0 < window_seconds <= variant.max_window_seconds:
+            raise ValueError(f"audio_features.segment_length={window_seconds} s must be in "
+                             f"(0, {variant.max_window_seconds}] for {model!r}")
+        if hop_seconds <= 0:
+            raise ValueError(f"audio_features.hop_length={hop_seconds} s must be positive")
+        self.window_samples = round(window_seconds * SAMPLE_RATE)
+        self.hop_samples = round(hop_seconds * SAMPLE_RATE)
+        self.output_size = variant.embed_dim
+        self.frozen = frozen
+        self.mel = AugmentMelSTFT(n_mels=MEL_BINS, sr=SAMPLE_RATE, win_length=800, hopsize=MEL_HOP_SAMPLES,
+                                  n_fft=1024, freqm=freqm, timem=timem, htk=False, fmin=0.0, fmax=None,
+                                  norm=1, fmin_aug_range=10, fmax_aug_range=2000)
+        self.network = _build_passt(model, variant, self.window_samples, pretrained, s_patchout_t, s_patchout_f)
+        if frozen:
+            self.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "PasstEncoder":
+        # A frozen encoder stays deterministic: no patchout, no spectrogram masking.
+        return super().train(mode and not self.frozen)
+
+    def embed_windows(self, windows: torch.Tensor) -> torch.Tensor:
+        """(n, window_samples) audio -> (n, embed_dim): mean of PaSST's class and distillation tokens."""
+        spectrogram = self.mel(windows.float()).unsqueeze(1)
+        class_token, distillation_token = self.network.forward_features(spectrogram)
+        return 0.5 * (class_token + distillation_token)
+
+    def forward(self, audio: torch.Tensor, audio_length: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        windows, mask = split_into_windows(audio, audio_length, self.window_samples, self.hop_samples)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            embedded = self.embed_windows(windows[mask])
+        sequence = embedded.new_zeros(*mask.shape, embedded.shape[-1])
+        sequence[mask] = embedded
+        return sequence, mask

@@ -1,0 +1,32 @@
+"""Cutting padded clips into fixed-length windows for an encoder with a bounded input length."""
+from __future__ import annotations
+
+import torch
+
+
+def window_count(clip_samples: int, window_samples: int, hop_samples: int) -> int:
+    """Number of windows that cover a padded clip of `clip_samples` (the last may be partly padding)."""
+    if window_samples <= 0 or hop_samples <= 0:
+        raise ValueError(f"window ({window_samples}) and hop ({hop_samples}) must be positive sample counts")
+    if window_samples > clip_samples:
+        raise ValueError(f"window of {window_samples} samples is longer than the clip ({clip_samples} samples)")
+    return (clip_samples - window_samples + hop_samples - 1) // hop_samples + 1
+
+
+def split_into_windows(audio: torch.Tensor, audio_length: torch.Tensor, window_samples: int,
+                       hop_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Windows of every clip and which of them hold real audio.
+
+    audio: (batch, samples), zero-padded; audio_length: (batch,) real samples per clip.
+    Returns windows (batch, windows, window_samples) and mask (batch, windows), True where the
+    window starts inside the real audio. A clip shorter than one window still gets its first window.
+    """
+    batch, samples = audio.shape
+    count = window_count(samples, window_samples, hop_samples)
+    needed = (count - 1) * hop_samples + window_samples
+    if needed > samples:
+        audio = torch.nn.functional.pad(audio, (0, needed - samples))
+    windows = audio.unfold(1, window_samples, hop_samples)
+    starts = torch.arange(count, device=audio.device) * hop_samples
+    mask = starts.unsqueeze(0) < audio_length.clamp(min=1).unsqueeze(1)
+    return windows, mask

@@ -1,0 +1,41 @@
+"""The two towers, their heads and the pooling, assembled into one caption-clip scorer."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from models.heads import ProjectionHead
+
+
+class RetrievalModel(nn.Module):
+    """Scores captions against clips in a shared space.
+
+    Clips stay sequences of projected window embeddings until `score`, where the pooling decides
+    how a caption sees a clip (the same mean for every caption, or attention conditioned on it).
+    """
+
+    def __init__(self, audio_encoder: nn.Module, text_encoder: nn.Module, pooling: nn.Module,
+                 shared_representation_size: int, normalize: bool = True, initial_tau: float = 0.05,
+                 freeze_tau: bool = False):
+        super().__init__()
+        if initial_tau <= 0:
+            raise ValueError(f"initial_tau={initial_tau} must be positive")
+        self.audio_encoder = audio_encoder
+        self.text_encoder = text_encoder
+        self.audio_projection = ProjectionHead(audio_encoder.output_size, shared_representation_size, normalize=False)
+        self.text_projection = ProjectionHead(text_encoder.output_size, shared_representation_size, normalize)
+        self.pooling = pooling
+        self.tau = nn.Parameter(torch.tensor(float(initial_tau)), requires_grad=not freeze_tau)
+
+    def encode_audio(self, audio: torch.Tensor, audio_length: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(batch, samples) -> projected windows (batch, windows, shared) and their mask (batch, windows)."""
+        windows, mask = self.audio_encoder(audio, audio_length)
+        return self.audio_projection(windows), mask
+
+    def encode_text(self, captions: list[str]) -> torch.Tensor:
+        """captions -> (captions, shared)."""
+        return self.text_projection(self.text_encoder(captions))
+
+    def score(self, text: torch.Tensor, windows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Similarity logits (captions, clips), divided by the temperature."""
+        return self.pooling.score(text, windows, mask) / self.tau.clamp(min=1e-4)

@@ -1,0 +1,83 @@
+"""Caption encoders from `transformers` (RoBERTa in the published systems)."""
+from __future__ import annotations
+
+import os
+import re
+import string
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModel, AutoTokenizer
+
+KNOWN_TEXT_MODELS = ("roberta-base", "roberta-large", "bert-base-uncased", "bert-large-uncased")
+_PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
+
+
+def normalize_caption(caption: str, lowercase: bool = True, remove_punctuation: bool = True) -> str:
+    """Clotho captions vary in case and punctuation; neither carries meaning for retrieval."""
+    if lowercase:
+        caption = caption.lower()
+    if remove_punctuation:
+        caption = _PUNCTUATION.sub(" ", caption)
+    return " ".join(caption.split())
+
+
+def resolve_text_model(name: str, data_dir: str | os.PathLike | None = None) -> str:
+    """A local directory (as given, or relative to the data folder) wins over a Hub name.
+
+    Raises ValueError listing the choices if `name` is neither a known Hub model nor a directory.
+    """
+    for candidate in (Path(name).expanduser(), Path(data_dir).expanduser() / name if data_dir else None):
+        if candidate is not None and (candidate / "config.json").is_file():
+            return str(candidate)
+    if name in KNOWN_TEXT_MODELS:
+        return name
+    raise ValueError(f"sentence_features.model={name!r} is unknown: choose one of {', '.join(KNOWN_TEXT_MODELS)}, "
+                     f"or a directory holding a transformers model (config.json), absolute or relative to "
+                     f"directories.data_dir={data_dir}")
+
+
+def _load_pretrained(loader, model_path: str):
+    try:
+        return loader.from_pretrained(model_path)
+    except OSError as error:
+        raise RuntimeError(
+            f"text model '{model_path}' could not be loaded ({str(error).splitlines()[0]}). On a machine with "
+            f"internet it is fetched once into $HF_HOME (default ~/.cache/huggingface); for offline use, "
+            f"pre-fetch it there and set HF_HUB_OFFLINE=1 (README, 'Pretrained weights')") from None
+
+
+class TextEncoder(nn.Module):
+    """Embeds captions with the first token's final hidden state (<s> / [CLS])."""
+
+    def __init__(self, model_path: str, max_sentence_tokens: int = 32, lowercase: bool = True,
+                 remove_punctuation: bool = True, frozen: bool = False):
+        super().__init__()
+        if max_sentence_tokens < 2:
+            raise ValueError(f"sentence_features.max_sentence_tokens={max_sentence_tokens} must be >= 2")
+        self.tokenizer = _load_pretrained(AutoTokenizer, model_path)
+        self.model = _load_pretrained(AutoModel, model_path)
+        self.output_size = self.model.config.hidden_size
+        self.max_sentence_tokens = max_sentence_tokens
+        self.lowercase = lowercase
+        self.remove_punctuation = remove_punctuation
+        self.frozen = frozen
+        if frozen:
+            self.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "TextEncoder":
+        return super().train(mode and not self.frozen)
+
+    def tokenize(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        normalized = [normalize_caption(c, self.lowercase, self.remove_punctuation) for c in captions]
+        return self.tokenizer(normalized, padding=True, truncation=True, max_length=self.max_sentence_tokens,
+                              return_tensors="pt")
+
+    def forward(self, captions: list[str]) -> torch.Tensor:
+        """captions: list of length batch -> (batch, hidden_size)."""
+        device = next(self.model.parameters()).device
+        tokens = {key: value.to(device) for key, value in self.tokenize(captions).items()}
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            hidden = self.model(**tokens).last_hidden_state
+        return hidden[:, 0]

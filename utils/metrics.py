@@ -1,0 +1,36 @@
+"""Retrieval metrics for text-to-audio ranking (DCASE task 6b conventions)."""
+from __future__ import annotations
+
+import torch
+
+RECALL_CUTOFFS = (1, 5, 10)
+MAP_CUTOFF = 10
+
+
+def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """1-based rank of each caption's audio among all audios.
+
+    scores: (captions, audios); targets: (captions,) audio index of each caption.
+    Ties count against the caption (a clip scoring equal to the target is ranked above it),
+    so a model that gives every clip the same score gets the worst rank, not the best.
+    """
+    if scores.dim() != 2:
+        raise ValueError(f"scores must be (captions, audios), got shape {tuple(scores.shape)}")
+    if targets.shape != (scores.shape[0],):
+        raise ValueError(f"targets must have shape ({scores.shape[0]},), got {tuple(targets.shape)}")
+    target_scores = scores.gather(1, targets.view(-1, 1))
+    at_least_as_good = (scores >= target_scores).sum(dim=1)
+    return at_least_as_good  # includes the target itself, so this is already 1-based
+
+
+def retrieval_metrics(scores: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    """R@1/5/10 and mAP@10 (one relevant audio per caption, so AP is 1/rank).
+
+    scores: (captions, audios) similarity; targets: (captions,) index of each caption's audio.
+    Returns fractions in [0, 1].
+    """
+    ranks = target_ranks(scores.float(), targets.long()).float()
+    metrics = {f"R@{k}": (ranks <= k).float().mean().item() for k in RECALL_CUTOFFS}
+    reciprocal = torch.where(ranks <= MAP_CUTOFF, 1.0 / ranks, torch.zeros_like(ranks))
+    metrics[f"mAP@{MAP_CUTOFF}"] = reciprocal.mean().item()
+    return metrics

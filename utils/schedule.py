@@ -1,0 +1,47 @@
+"""Learning-rate schedule: linear warm-up, plateau, then a ramp-down to a floor."""
+from __future__ import annotations
+
+import math
+
+RAMPDOWN_TYPES = ("cosine", "linear", "step")
+
+
+def validate_schedule(warmup_length: float, rampdown_start: float, rampdown_stop: float,
+                      rampdown_type: str, max_epochs: int) -> None:
+    """Raise ValueError naming the offending key before any training starts."""
+    if rampdown_type not in RAMPDOWN_TYPES:
+        raise ValueError(f"rampdown_type={rampdown_type!r} is not one of {', '.join(RAMPDOWN_TYPES)}")
+    if warmup_length < 0:
+        raise ValueError(f"warmup_length={warmup_length} must be >= 0 (epochs)")
+    if rampdown_stop < rampdown_start:
+        raise ValueError(f"rampdown_stop={rampdown_stop} comes before rampdown_start={rampdown_start}")
+    if rampdown_start < warmup_length:
+        raise ValueError(f"rampdown_start={rampdown_start} is inside the warm-up (warmup_length={warmup_length})")
+    if max_epochs < 1:
+        raise ValueError(f"max_epochs={max_epochs} must be >= 1")
+
+
+def learning_rate(epoch: float, peak_lr: float, min_lr: float, warmup_length: float,
+                  rampdown_start: float, rampdown_stop: float, rampdown_type: str) -> float:
+    """Learning rate at a fractional epoch.
+
+    0 -> peak_lr linearly over `warmup_length` epochs, peak until `rampdown_start`, then down to
+    `min_lr` at `rampdown_stop` (cosine, linear, or a staircase that drops once per whole epoch),
+    `min_lr` afterwards.
+    """
+    if epoch < warmup_length:
+        return peak_lr * epoch / warmup_length
+    if epoch < rampdown_start:
+        return peak_lr
+    if epoch >= rampdown_stop:
+        return min_lr
+    if rampdown_type == "step":
+        epoch = math.floor(epoch)
+    progress = (epoch - rampdown_start) / (rampdown_stop - rampdown_start)
+    if rampdown_type == "cosine":
+        remaining = 0.5 * (1.0 + math.cos(math.pi * progress))
+    elif rampdown_type in ("linear", "step"):
+        remaining = 1.0 - progress
+    else:
+        raise ValueError(f"rampdown_type={rampdown_type!r} is not one of {', '.join(RAMPDOWN_TYPES)}")
+    return min_lr + (peak_lr - min_lr) * remaining
