@@ -105,7 +105,7 @@ def wind(rng, n):
 
 def knocking(rng, n):
     knock = _tone_burst([rng.uniform(120, 180), 420], 0.12, 0.03)
-    triple = _place(np.zeros(int(0.8 * SOURCE_RATE)), knock, np.array([0, 0.25, 0.5]) * SOURCE_RATE)
+    triple = _place(np.zeros(int(0.8 * SOURCE_RATE)), knock, (np.array([0, 0.25, 0.5]) * SOURCE_RATE).astype(int))
     return _place(np.zeros(n), triple, _events_at(rng, n, 2.5)) * 1.5
 
 
@@ -181,7 +181,7 @@ def _write_split(folder: Path, split: str, clips: int, rng: np.random.Generator)
     caption_rows, metadata_rows, all_captions = [], [], []
     for index in range(clips):
         events = sorted(rng.choice(names, size=rng.choice([1, 2, 2, 3]), replace=False).tolist())
-        file_name = f"{' '.join(events)} {split[:3]} {index:04d}.wav"
+        file_name = f"demo {split} clip {index:04d}.wav"
         soundfile.write(audio_folder / file_name, synthesise_clip(events, rng.uniform(15, 30), rng),
                         SOURCE_RATE, subtype="PCM_16")
         captions = [caption_for(events, rng) for _ in range(5)]

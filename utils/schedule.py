@@ -45,3 +45,11 @@ def learning_rate(epoch: float, peak_lr: float, min_lr: float, warmup_length: fl
     else:
         raise ValueError(f"rampdown_type={rampdown_type!r} is not one of {', '.join(RAMPDOWN_TYPES)}")
     return min_lr + (peak_lr - min_lr) * remaining
+
+
+def learning_rate_factor(step: int, steps_per_epoch: float, peak_lr: float, min_lr: float, warmup_length: float,
+                         rampdown_start: float, rampdown_stop: float, rampdown_type: str) -> float:
+    """`learning_rate` at an optimiser step, relative to `peak_lr` (the form LambdaLR multiplies by)."""
+    epoch = step / steps_per_epoch
+    return learning_rate(epoch, peak_lr, min_lr, warmup_length, rampdown_start, rampdown_stop,
+                         rampdown_type) / peak_lr

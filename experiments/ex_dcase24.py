@@ -1,0 +1,228 @@
+"""Stage-1 language-based audio retrieval on Clotho v2.1 (DCASE 2024 task 8 systems).
+
+    python -m experiments.ex_dcase24 with demo                 # CPU demo on generated data
+    python -m experiments.ex_dcase24 print_config with ...    # every setting, after overrides
+
+All settings live in the config scopes below and reach the code only through the captured
+builders, which hand plain arguments to the model, dataset and schedule constructors.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from sacred import Experiment
+
+from data_loaders.clotho_v2 import clotho_v2
+from data_loaders.data_loader import data_loader, get_data_loader, get_dataset
+from experiments.retrieval_module import OptimisationSettings, RetrievalModule
+from models.audio.passt import PasstEncoder
+from models.pooling import AGGREGATIONS, MeanPooling
+from models.retrieval_model import RetrievalModel
+from models.text.transformer import TextEncoder, resolve_text_model
+from utils.directories import directories, get_data_dir
+from utils.schedule import validate_schedule
+
+ex = Experiment("dcase24", ingredients=[directories, clotho_v2, data_loader])
+TRAIN_SETS = ("clothov2",)
+LEARNING_RATE_KEYS = ("lr_audio_encoder", "lr_audio_project", "lr_sentence_encoder", "lr_sentence_project")
+
+
+@ex.config
+def default_config():
+    audio_features = {
+        "model": "passt",  # passt: PaSST-S with AudioSet weights | passt_small: narrow, random init (CPU)
+        "segment_length": 10,  # seconds of audio per encoder window
+        "hop_length": None,  # seconds between window starts; None: segment_length (no overlap)
+        "aggregate": "mean",  # how a caption sees a clip's windows
+        "model_config": {
+            "s_patchout_t": 15,  # structured patchout: time columns dropped in training
+            "s_patchout_f": 2,  # structured patchout: frequency rows dropped in training
+            "freqm": 48,  # SpecAugment frequency mask width (mel bins), training only
+            "timem": 192,  # SpecAugment time mask width (frames), training only
+            "pretrained": True,  # download and load the AudioSet weights
+            "frozen": False,  # keep the audio encoder fixed
+        },
+    }
+    sentence_features = {
+        "model": "roberta-large",  # Hugging Face name, or a directory (absolute or below data_dir)
+        "max_sentence_tokens": 32,
+        "lowercase": True,
+        "remove_punctuation": True,
+        "frozen": False,
+    }
+    tap_hyperparams = {}  # text-aware attention pooling (audio_features.aggregate=TAP)
+    train_on = "clothov2"
+    max_epochs = 20
+    warmup_length = 1  # epochs of linear warm-up
+    rampdown_start = 1  # epoch at which the learning rate starts to fall
+    rampdown_stop = 15  # epoch at which it reaches min_lr
+    rampdown_type = "cosine"  # cosine | linear | step
+    lr_audio_encoder = 2e-5
+    lr_audio_project = 2e-5
+    lr_sentence_encoder = 2e-5
+    lr_sentence_project = 2e-5
+    min_lr = 1e-7
+    weight_decay = 0.0
+    initial_tau = 0.05  # similarity temperature
+    freeze_tau = False
+    shared_representation_size = 1024
+    normalize = True  # L2-normalise embeddings (cosine similarity)
+    precision = "bf16-mixed"  # Lightning precision: bf16-mixed | 16-mixed | 32
+    accumulate_grad_batches = 1
+    gradient_clip_val = None
+    max_audio_seconds = None  # random training crop before the audio encoder (memory); None: whole clip
+    accelerator = "auto"
+    devices = 1
+    monitor = "mAP@10"  # validation metric that picks the best checkpoint
+    load_parameters = None  # checkpoint whose model weights initialise this run
+    resume_training = None  # checkpoint to continue (optimizer, schedule and epoch included)
+    seed = 409194
+
+
+@ex.named_config
+def demo():
+    """The whole pipeline on 2 CPU cores in minutes, on `python -m data_loaders.demo_data` output."""
+    audio_features = {"model": "passt_small", "segment_length": 10,
+                      "model_config": {"pretrained": False, "s_patchout_t": 0, "s_patchout_f": 0,
+                                       "freqm": 0, "timem": 0}}
+    sentence_features = {"model": "clotho_demo/roberta-tiny"}
+    clotho_v2 = {"folder_name": "clotho_demo"}
+    data_loader = {"batch_size": 32, "batch_size_eval": 20, "n_workers": 1}
+    max_epochs = 6
+    warmup_length = 1
+    rampdown_start = 1
+    rampdown_stop = 6
+    lr_audio_encoder = 1e-3
+    lr_audio_project = 1e-3
+    lr_sentence_encoder = 1e-3
+    lr_sentence_project = 1e-3
+    min_lr = 1e-5
+    shared_representation_size = 128
+    precision = "32"
+    max_audio_seconds = 10
+    accelerator = "cpu"
+
+
+@ex.capture
+def check_config(audio_features: dict, tap_hyperparams: dict, train_on: str, max_epochs: int,
+                 warmup_length: float, rampdown_start: float, rampdown_stop: float, rampdown_type: str,
+                 min_lr: float, max_audio_seconds: float | None, clotho_v2: dict, data_loader: dict,
+                 _config: dict) -> None:
+    """Every cheap check on the configuration, so bad input fails before models or data load."""
+    if train_on not in TRAIN_SETS:
+        raise ValueError(f"train_on={train_on!r} is not one of {', '.join(TRAIN_SETS)}")
+    if audio_features["aggregate"] not in AGGREGATIONS:
+        raise ValueError(f"audio_features.aggregate={audio_features['aggregate']!r} is not one of "
+                         f"{', '.join(AGGREGATIONS)}")
+    for key in LEARNING_RATE_KEYS:
+        if not _config[key] > 0:
+            raise ValueError(f"{key}={_config[key]} must be positive")
+    if min_lr < 0:
+        raise ValueError(f"min_lr={min_lr} must be >= 0")
+    for key in ("batch_size", "batch_size_eval"):
+        if data_loader[key] < 1:
+            raise ValueError(f"data_loader.{key}={data_loader[key]} must be >= 1")
+    if audio_features["segment_length"] > clotho_v2["clip_seconds"]:
+        raise ValueError(f"audio_features.segment_length={audio_features['segment_length']} s is longer than "
+                         f"the clip (clotho_v2.clip_seconds={clotho_v2['clip_seconds']} s)")
+    if max_audio_seconds is not None and not 0 < max_audio_seconds:
+        raise ValueError(f"max_audio_seconds={max_audio_seconds} must be positive (or None)")
+    validate_schedule(warmup_length, rampdown_start, rampdown_stop, rampdown_type, max_epochs)
+
+
+@ex.capture
+def build_audio_encoder(audio_features: dict) -> PasstEncoder:
+    config = audio_features["model_config"]
+    return PasstEncoder(model=audio_features["model"], window_seconds=audio_features["segment_length"],
+                        hop_seconds=audio_features["hop_length"] or audio_features["segment_length"],
+                        pretrained=config["pretrained"], s_patchout_t=config["s_patchout_t"],
+                        s_patchout_f=config["s_patchout_f"], freqm=config["freqm"], timem=config["timem"],
+                        frozen=config["frozen"])
+
+
+@ex.capture
+def build_text_encoder(sentence_features: dict) -> TextEncoder:
+    return TextEncoder(resolve_text_model(sentence_features["model"], get_data_dir()),
+                       max_sentence_tokens=sentence_features["max_sentence_tokens"],
+                       lowercase=sentence_features["lowercase"],
+                       remove_punctuation=sentence_features["remove_punctuation"],
+                       frozen=sentence_features["frozen"])
+
+
+@ex.capture
+def build_pooling(normalize: bool) -> torch.nn.Module:
+    return MeanPooling(normalize=normalize)
+
+
+@ex.capture
+def build_model(shared_representation_size: int, normalize: bool, initial_tau: float,
+                freeze_tau: bool) -> RetrievalModel:
+    return RetrievalModel(build_audio_encoder(), build_text_encoder(), build_pooling(), shared_representation_size,
+                          normalize=normalize, initial_tau=initial_tau, freeze_tau=freeze_tau)
+
+
+@ex.capture
+def build_optimisation(lr_audio_encoder: float, lr_audio_project: float, lr_sentence_encoder: float,
+                       lr_sentence_project: float, min_lr: float, weight_decay: float, warmup_length: float,
+                       rampdown_start: float, rampdown_stop: float, rampdown_type: str) -> OptimisationSettings:
+    return OptimisationSettings(lr_audio_encoder, lr_audio_project, lr_sentence_encoder, lr_sentence_project,
+                                min_lr, weight_decay, warmup_length, rampdown_start, rampdown_stop, rampdown_type)
+
+
+@ex.capture
+def build_data_loaders(max_audio_seconds: float | None, data_loader: dict) -> dict:
+    workers = data_loader["n_workers"]
+    return {"train": get_data_loader(get_dataset("train", crop_seconds=max_audio_seconds, decode_workers=workers),
+                                     train=True),
+            **{split: get_data_loader(get_dataset(split, decode_workers=workers), train=False)
+               for split in ("val", "test")}}
+
+
+@ex.capture
+def run_folder(_run) -> Path:
+    """A fresh folder per run below data_dir/runs for checkpoints and local logs."""
+    run_id = _run._id if _run._id is not None else "local"
+    folder = get_data_dir() / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{run_id}"
+    folder.mkdir(parents=True, exist_ok=False)
+    return folder
+
+
+@ex.capture
+def build_trainer(folder: Path, max_epochs: int, precision, accumulate_grad_batches: int, gradient_clip_val,
+                  accelerator: str, devices, monitor: str) -> L.Trainer:
+    checkpoint = ModelCheckpoint(dirpath=folder / "checkpoints", filename="best-{epoch:02d}",
+                                 monitor=f"val/{monitor}", mode="max", save_last=True)
+    return L.Trainer(max_epochs=max_epochs, precision=precision, accumulate_grad_batches=accumulate_grad_batches,
+                     gradient_clip_val=gradient_clip_val, accelerator=accelerator, devices=devices,
+                     default_root_dir=folder, logger=CSVLogger(folder, name="logs"),
+                     callbacks=[checkpoint, LearningRateMonitor(logging_interval="step")],
+                     num_sanity_val_steps=0)
+
+
+@ex.main
+def train_and_evaluate(load_parameters: str | None, resume_training: str | None, seed: int) -> dict[str, float]:
+    """Trains, picks the best epoch on the validation split, returns its test-split metrics."""
+    check_config()
+    L.seed_everything(seed, workers=True)
+    model = build_model()
+    if load_parameters:
+        state = torch.load(load_parameters, map_location="cpu", weights_only=False)["state_dict"]
+        model.load_state_dict({key.removeprefix("model."): value for key, value in state.items()})
+    loaders = build_data_loaders()
+    module = RetrievalModule(model, build_optimisation())
+    folder = run_folder()
+    trainer = build_trainer(folder)
+    trainer.fit(module, loaders["train"], loaders["val"], ckpt_path=resume_training)
+    best = trainer.checkpoint_callback.best_model_path or None
+    print(f"best checkpoint: {best}")
+    (tested,) = trainer.test(module, loaders["test"], ckpt_path=best, weights_only=False)
+    return {key.removeprefix("test/"): value for key, value in tested.items()}
+
+
+if __name__ == "__main__":
+    ex.run_commandline()

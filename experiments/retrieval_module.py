@@ -1,0 +1,108 @@
+"""Lightning wrapper: training and evaluation loops around RetrievalModel, no maths of its own."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import lightning as L
+import torch
+
+from models.losses import multi_positive_contrastive_loss
+from models.retrieval_model import RetrievalModel
+from utils.metrics import retrieval_metrics
+from utils.schedule import learning_rate_factor
+
+
+@dataclass(frozen=True)
+class OptimisationSettings:
+    """Peak learning rate per parameter group, plus what the groups share."""
+    lr_audio_encoder: float
+    lr_audio_project: float
+    lr_sentence_encoder: float
+    lr_sentence_project: float
+    min_lr: float
+    weight_decay: float
+    warmup_length: float
+    rampdown_start: float
+    rampdown_stop: float
+    rampdown_type: str
+
+
+class RetrievalModule(L.LightningModule):
+    def __init__(self, model: RetrievalModel, optimisation: OptimisationSettings):
+        super().__init__()
+        self.model = model
+        self.optimisation = optimisation
+        self._evaluation: list[dict[str, torch.Tensor]] = []
+
+    def parameter_groups(self) -> list[dict]:
+        """One AdamW group per component, each with its own peak learning rate; frozen parts left out."""
+        settings = self.optimisation
+        components = [
+            ("audio_encoder", self.model.audio_encoder, settings.lr_audio_encoder),
+            ("audio_project", [self.model.audio_projection, self.model.tau], settings.lr_audio_project),
+            ("sentence_encoder", self.model.text_encoder, settings.lr_sentence_encoder),
+            ("sentence_project", self.model.text_projection, settings.lr_sentence_project),
+        ]
+        groups = []
+        for name, parts, lr in components:
+            parts = parts if isinstance(parts, list) else [parts]
+            parameters = [p for part in parts
+                          for p in ([part] if isinstance(part, torch.nn.Parameter) else part.parameters())
+                          if p.requires_grad]
+            if parameters:
+                groups.append({"name": name, "params": parameters, "lr": lr})
+        return groups
+
+    def configure_optimizers(self):
+        settings = self.optimisation
+        groups = self.parameter_groups()
+        optimizer = torch.optim.AdamW(groups, weight_decay=settings.weight_decay)
+        steps_per_epoch = max(1.0, self.trainer.estimated_stepping_batches / self.trainer.max_epochs)
+        factors = [partial(learning_rate_factor, steps_per_epoch=steps_per_epoch, peak_lr=group["lr"],
+                           min_lr=min(settings.min_lr, group["lr"]), warmup_length=settings.warmup_length,
+                           rampdown_start=settings.rampdown_start, rampdown_stop=settings.rampdown_stop,
+                           rampdown_type=settings.rampdown_type) for group in groups]
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def training_step(self, batch: dict, batch_index: int) -> torch.Tensor:
+        windows, mask = self.model.encode_audio(batch["audio"], batch["audio_length"])
+        text = self.model.encode_text(batch["caption"])
+        loss = multi_positive_contrastive_loss(self.model.score(text, windows, mask), batch["clip_index"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["caption"]))
+        self.log("train/tau", self.model.tau.detach(), batch_size=len(batch["caption"]))
+        return loss
+
+    def _evaluation_step(self, batch: dict) -> None:
+        windows, mask = self.model.encode_audio(batch["audio"], batch["audio_length"])
+        captions = [caption for captions in batch["captions"] for caption in captions]
+        caption_clips = torch.cat([index.repeat(len(captions)) for index, captions
+                                   in zip(batch["clip_index"], batch["captions"])])
+        self._evaluation.append({"windows": windows.float(), "mask": mask, "clip_index": batch["clip_index"],
+                                 "text": self.model.encode_text(captions).float(),
+                                 "caption_clip": caption_clips.to(windows.device)})
+
+    def _evaluation_end(self, prefix: str) -> dict[str, float]:
+        """Ranks every caption of the split against every clip of the split."""
+        collected = {key: torch.cat([step[key] for step in self._evaluation]) for key in self._evaluation[0]}
+        self._evaluation.clear()
+        position = torch.empty_like(collected["clip_index"])
+        position[collected["clip_index"]] = torch.arange(len(position), device=position.device)
+        scores = self.model.pooling.score(collected["text"], collected["windows"], collected["mask"])
+        metrics = retrieval_metrics(scores, position[collected["caption_clip"]])
+        for name, value in metrics.items():
+            self.log(f"{prefix}/{name}", value, prog_bar=name == "mAP@10")
+        return metrics
+
+    def validation_step(self, batch: dict, batch_index: int) -> None:
+        self._evaluation_step(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._evaluation_end("val")
+
+    def test_step(self, batch: dict, batch_index: int) -> None:
+        self._evaluation_step(batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._evaluation_end("test")
