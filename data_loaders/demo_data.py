@@ -200,18 +200,20 @@ def _write_split(folder: Path, split: str, clips: int, rng: np.random.Generator)
 def write_text_model(folder: Path, captions: list[str], hidden_size: int = 128, layers: int = 2) -> Path:
     """A BPE tokenizer trained on the captions and a random-init RoBERTa, saved as a transformers model."""
     from tokenizers import ByteLevelBPETokenizer
+    from tokenizers.processors import RobertaProcessing
     from transformers import RobertaConfig, RobertaModel, RobertaTokenizerFast
 
     from models.text.transformer import normalize_caption
 
     target = folder / TEXT_MODEL_FOLDER
-    target.mkdir(parents=True)
+    specials = {"bos_token": "<s>", "pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>",
+                "mask_token": "<mask>"}
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator([normalize_caption(c) for c in captions], vocab_size=600, min_frequency=1,
-                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"], show_progress=False)
-    bpe.save_model(str(target))
-    tokenizer = RobertaTokenizerFast(vocab_file=str(target / "vocab.json"), merges_file=str(target / "merges.txt"),
-                                     model_max_length=64)
+                            special_tokens=list(specials.values()), show_progress=False)
+    bpe.post_processor = RobertaProcessing(("</s>", bpe.token_to_id("</s>")), ("<s>", bpe.token_to_id("<s>")))
+    tokenizer = RobertaTokenizerFast(tokenizer_object=bpe._tokenizer, cls_token="<s>", sep_token="</s>",
+                                     model_max_length=64, **specials)
     tokenizer.save_pretrained(target)
     config = RobertaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=layers,
                            num_attention_heads=4, intermediate_size=2 * hidden_size, max_position_embeddings=66,

@@ -86,17 +86,17 @@ def default_config():
 
 @ex.named_config
 def demo():
-    """The whole pipeline on 2 CPU cores in minutes, on `python -m data_loaders.demo_data` output."""
-    audio_features = {"model": "passt_small", "segment_length": 10,
+    # The whole pipeline on 2 CPU cores in minutes, on `python -m data_loaders.demo_data` output.
+    audio_features = {"model": "passt_small", "segment_length": 5,
                       "model_config": {"pretrained": False, "s_patchout_t": 0, "s_patchout_f": 0,
                                        "freqm": 0, "timem": 0}}
     sentence_features = {"model": "clotho_demo/roberta-tiny"}
     clotho_v2 = {"folder_name": "clotho_demo"}
     data_loader = {"batch_size": 32, "batch_size_eval": 20, "n_workers": 1}
-    max_epochs = 6
+    max_epochs = 14
     warmup_length = 1
-    rampdown_start = 1
-    rampdown_stop = 6
+    rampdown_start = 2
+    rampdown_stop = 14
     lr_audio_encoder = 1e-3
     lr_audio_project = 1e-3
     lr_sentence_encoder = 1e-3
@@ -104,7 +104,7 @@ def demo():
     min_lr = 1e-5
     shared_representation_size = 128
     precision = "32"
-    max_audio_seconds = 10
+    max_audio_seconds = 5
     accelerator = "cpu"
 
 
