@@ -25,6 +25,7 @@ from models.pooling import AGGREGATIONS, MeanPooling
 from models.retrieval_model import RetrievalModel
 from models.text.transformer import TextEncoder, resolve_text_model
 from utils.directories import directories, get_data_dir
+from utils.metrics import chance_metrics
 from utils.schedule import validate_schedule
 
 ex = Experiment("dcase24", ingredients=[directories, clotho_v2, data_loader])
@@ -78,6 +79,7 @@ def default_config():
     max_audio_seconds = None  # random training crop before the audio encoder (memory); None: whole clip
     accelerator = "auto"
     devices = 1
+    log_every_n_steps = 50
     monitor = "mAP@10"  # validation metric that picks the best checkpoint
     load_parameters = None  # checkpoint whose model weights initialise this run
     resume_training = None  # checkpoint to continue (optimizer, schedule and epoch included)
@@ -104,6 +106,7 @@ def demo():
     min_lr = 1e-5
     shared_representation_size = 128
     precision = "32"
+    log_every_n_steps = 10
     max_audio_seconds = 5
     accelerator = "cpu"
 
@@ -194,13 +197,14 @@ def run_folder(_run) -> Path:
 
 @ex.capture
 def build_trainer(folder: Path, max_epochs: int, precision, accumulate_grad_batches: int, gradient_clip_val,
-                  accelerator: str, devices, monitor: str) -> L.Trainer:
+                  accelerator: str, devices, monitor: str, log_every_n_steps: int) -> L.Trainer:
     checkpoint = ModelCheckpoint(dirpath=folder / "checkpoints", filename="best-{epoch:02d}",
                                  monitor=f"val/{monitor}", mode="max", save_last=True)
     return L.Trainer(max_epochs=max_epochs, precision=precision, accumulate_grad_batches=accumulate_grad_batches,
                      gradient_clip_val=gradient_clip_val, accelerator=accelerator, devices=devices,
                      default_root_dir=folder, logger=CSVLogger(folder, name="logs"),
                      callbacks=[checkpoint, LearningRateMonitor(logging_interval="step")],
+                     log_every_n_steps=log_every_n_steps,
                      num_sanity_val_steps=0)
 
 
@@ -221,7 +225,10 @@ def train_and_evaluate(load_parameters: str | None, resume_training: str | None,
     best = trainer.checkpoint_callback.best_model_path or None
     print(f"best checkpoint: {best}")
     (tested,) = trainer.test(module, loaders["test"], ckpt_path=best, weights_only=False)
-    return {key.removeprefix("test/"): value for key, value in tested.items()}
+    result = {key.removeprefix("test/"): value for key, value in tested.items()}
+    chance = chance_metrics(len(loaders["test"].dataset))
+    print("test split: " + ", ".join(f"{name} {result[name]:.4f} (chance {chance[name]:.4f})" for name in chance))
+    return result
 
 
 if __name__ == "__main__":

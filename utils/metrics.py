@@ -34,3 +34,12 @@ def retrieval_metrics(scores: torch.Tensor, targets: torch.Tensor) -> dict[str, 
     reciprocal = torch.where(ranks <= MAP_CUTOFF, 1.0 / ranks, torch.zeros_like(ranks))
     metrics[f"mAP@{MAP_CUTOFF}"] = reciprocal.mean().item()
     return metrics
+
+
+def chance_metrics(clips: int) -> dict[str, float]:
+    """Expected metrics of a random ranking of `clips` clips (the target's rank is uniform)."""
+    if clips < 1:
+        raise ValueError(f"clips={clips} must be >= 1")
+    metrics = {f"R@{k}": min(k, clips) / clips for k in RECALL_CUTOFFS}
+    metrics[f"mAP@{MAP_CUTOFF}"] = sum(1.0 / rank for rank in range(1, min(MAP_CUTOFF, clips) + 1)) / clips
+    return metrics

@@ -41,7 +41,7 @@ def resolve_text_model(name: str, data_dir: str | os.PathLike | None = None) -> 
 def _load_pretrained(loader, model_path: str):
     try:
         return loader.from_pretrained(model_path)
-    except OSError as error:
+    except (OSError, ValueError) as error:
         raise RuntimeError(
             f"text model '{model_path}' could not be loaded ({str(error).splitlines()[0]}). On a machine with "
             f"internet it is fetched once into $HF_HOME (default ~/.cache/huggingface); for offline use, "

@@ -1,0 +1,37 @@
+# Set-up, demo, tests and training; every target creates or reuses .venv.
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+DATA_DIR ?= $(HOME)/data
+TRAIN_ARGS ?=
+export DATA_DIR
+
+.PHONY: prepare demo demo-data test train download-dataset benchmark
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet --upgrade pip
+	$(PYTHON) -m pip install --quiet torch==2.11.0 torchvision==0.26.0 torchaudio==2.11.0
+	$(PYTHON) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+prepare: $(VENV)/.installed  ## install only
+
+demo-data: prepare  ## write the synthetic Clotho-format dataset to $(DATA_DIR)/clotho_demo if absent
+	$(PYTHON) -m data_loaders.demo_data --data-dir "$(DATA_DIR)" --if-missing
+
+demo: demo-data  ## train and evaluate the CPU demo (about 6 minutes on 2 cores)
+	$(PYTHON) -m experiments.ex_dcase24 with demo "directories.data_dir=$(DATA_DIR)"
+
+test: prepare  ## the test suite
+	$(PYTHON) -m pytest -q
+
+train: prepare  ## the Sacred experiment with TRAIN_ARGS="key=value ..."
+	$(PYTHON) -m experiments.ex_dcase24 with "directories.data_dir=$(DATA_DIR)" $(TRAIN_ARGS)
+
+download-dataset:
+	@echo "Automatic download of Clotho v2.1 is not implemented yet: fetch the development, validation and"
+	@echo "evaluation archives and CSVs from Zenodo record 4783391 and unpack them into $(DATA_DIR)/clotho_v2"
+	@echo "(layout in README, 'Data')." && exit 1
+
+benchmark: prepare  ## throughput and evaluation time; figures go to benchmarks/RESULTS.md by hand
+	$(PYTHON) -m benchmarks.bench_stage1

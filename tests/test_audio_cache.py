@@ -1,0 +1,75 @@
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import soundfile
+
+from data_loaders import audio_cache
+from data_loaders.audio_cache import AudioCache, build_cache, stale_clips
+
+
+@pytest.fixture
+def audio_folder(tmp_path) -> Path:
+    folder = tmp_path / "development"
+    folder.mkdir()
+    for index in range(3):
+        seconds = np.arange(44100 * (index + 1)) / 44100
+        soundfile.write(folder / f"clip {index}.wav", 0.5 * np.sin(2 * np.pi * 440 * (index + 1) * seconds), 44100)
+    return folder
+
+
+def names(folder: Path) -> list[str]:
+    return sorted(path.name for path in folder.iterdir())
+
+
+def count_decodes(monkeypatch) -> list[str]:
+    decoded = []
+    original = audio_cache.decode_audio
+
+    def counting(path, sample_rate):
+        decoded.append(path.name)
+        return original(path, sample_rate)
+    monkeypatch.setattr(audio_cache, "decode_audio", counting)
+    return decoded
+
+
+def test_build_resample_and_reuse(audio_folder, tmp_path, monkeypatch):
+    cache_path = tmp_path / "cache" / "development.h5"
+    decoded = count_decodes(monkeypatch)
+    build_cache(cache_path, audio_folder, names(audio_folder), 32000)
+    assert sorted(decoded) == names(audio_folder)
+    cache = AudioCache(cache_path)
+    assert cache.length("clip 1.wav") == 64000  # 2 s at 32 kHz
+    expected = 0.5 * np.sin(2 * np.pi * 440 * np.arange(32000) / 32000)
+    np.testing.assert_allclose(cache.read("clip 0.wav")[1000:-1000], expected[1000:-1000], atol=2e-3)
+    decoded.clear()
+    build_cache(cache_path, audio_folder, names(audio_folder), 32000)
+    assert decoded == []  # nothing decoded twice
+
+
+def test_changed_source_and_rate_invalidate(audio_folder, tmp_path, monkeypatch):
+    cache_path = tmp_path / "development.h5"
+    build_cache(cache_path, audio_folder, names(audio_folder), 32000)
+    soundfile.write(audio_folder / "clip 2.wav", np.zeros(44100 * 5), 44100)
+    os.utime(audio_folder / "clip 2.wav", ns=(1, 1))
+    assert stale_clips(cache_path, audio_folder, names(audio_folder), 32000) == ["clip 2.wav"]
+    decoded = count_decodes(monkeypatch)
+    build_cache(cache_path, audio_folder, names(audio_folder), 32000)
+    assert decoded == ["clip 2.wav"]
+    assert AudioCache(cache_path).length("clip 2.wav") == 5 * 32000
+    assert stale_clips(cache_path, audio_folder, names(audio_folder), 16000) == names(audio_folder)
+
+
+def test_interrupted_build_leaves_previous_cache_trusted(audio_folder, tmp_path):
+    cache_path = tmp_path / "development.h5"
+    build_cache(cache_path, audio_folder, names(audio_folder)[:2], 32000)
+    before = cache_path.read_bytes()
+    (audio_folder / "clip 2.wav").write_bytes(b"not audio")
+    with pytest.raises(ValueError, match=r"cannot read audio file .*clip 2.wav"):
+        build_cache(cache_path, audio_folder, names(audio_folder), 32000)
+    assert cache_path.read_bytes() == before
+    with h5py.File(cache_path) as cache:
+        assert sorted(cache) == ["clip 0.wav", "clip 1.wav"]
+    assert stale_clips(cache_path, audio_folder, names(audio_folder), 32000) == ["clip 2.wav"]

@@ -1,0 +1,79 @@
+import csv
+import shutil
+from pathlib import Path
+
+import pytest
+import soundfile
+
+from data_loaders.clotho_v2 import (ClipCaptions, check_audio_files, read_augmented_captions, read_captions,
+                                    read_metadata)
+from tests.conftest import SHARED, TINY_SPLITS
+
+PHI4_CSV = SHARED / "data" / "clotho_captions_development_plus_phi_generated.csv"
+
+
+def test_official_layout_is_parsed(data_dir):
+    folder = data_dir / "clotho_demo"
+    clips = read_captions(folder / "clotho_captions_development.csv")
+    assert len(clips) == TINY_SPLITS["development"]
+    assert all(len(clip.captions) == 5 and all(clip.captions) for clip in clips)
+    check_audio_files(clips, folder / "development", folder / "clotho_captions_development.csv")
+    info = soundfile.info(str(folder / "development" / clips[0].file_name))
+    assert info.samplerate == 44100 and 15 <= info.duration <= 30
+
+
+def test_metadata_is_read_as_iso_8859_1(data_dir):
+    path = data_dir / "clotho_demo" / "clotho_metadata_evaluation.csv"
+    assert "Jürgen".encode("ISO-8859-1") in path.read_bytes()
+    keywords = read_metadata(path)
+    assert len(keywords) == TINY_SPLITS["evaluation"] and all(keywords.values())
+
+
+def write_csv(path: Path, rows: list[list[str]]) -> Path:
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        csv.writer(handle).writerows(rows)
+    return path
+
+
+def test_caption_errors_name_file_and_row(tmp_path):
+    header = ["file_name"] + [f"caption_{i}" for i in range(1, 6)]
+    path = write_csv(tmp_path / "c.csv", [header, ["a.wav", "x", "y", "z", "w", "v"], ["b.wav", "x", "", "z", "w", "v"]])
+    with pytest.raises(ValueError, match=r"c.csv, row 3 \(b.wav\): empty caption_2"):
+        read_captions(path)
+    path = write_csv(tmp_path / "d.csv", [header[:4], ["a.wav", "x", "y", "z"]])
+    with pytest.raises(ValueError, match="missing column.*caption_4, caption_5"):
+        read_captions(path)
+    with pytest.raises(FileNotFoundError, match="captions CSV not found: .*nowhere.csv.*make download-dataset"):
+        read_captions(tmp_path / "nowhere.csv")
+
+
+def test_missing_audio_is_named(data_dir):
+    folder = data_dir / "clotho_demo"
+    clips = read_captions(folder / "clotho_captions_validation.csv")
+    (folder / "validation" / clips[1].file_name).unlink()
+    with pytest.raises(FileNotFoundError, match=f"names 1 audio file.*{clips[1].file_name}"):
+        check_audio_files(clips, folder / "validation", folder / "clotho_captions_validation.csv")
+
+
+def test_published_phi4_csv_gives_ten_captions_per_clip():
+    augmented = read_captions(PHI4_CSV, captions_per_clip=10)
+    assert len(augmented) == 3839
+    development = [ClipCaptions(clip.file_name, clip.captions[:5]) for clip in augmented]
+    merged = read_augmented_captions(PHI4_CSV, development)
+    assert [clip.file_name for clip in merged] == [clip.file_name for clip in development]
+    assert all(len(clip.captions) == 10 for clip in merged)
+    assert merged[0].captions[:5] == development[0].captions
+
+
+def test_phi4_csv_must_cover_the_split_exactly(tmp_path):
+    augmented = read_captions(PHI4_CSV, captions_per_clip=10)[:3]
+    development = [ClipCaptions(clip.file_name, clip.captions[:5]) for clip in augmented]
+    with pytest.raises(ValueError, match=r"row 5: .* is not in the development split"):
+        read_augmented_captions(PHI4_CSV, development)
+    partial = tmp_path / "partial.csv"
+    with open(PHI4_CSV, encoding="utf-8") as source:
+        partial.write_text("".join(source.readlines()[:3]), encoding="utf-8")
+    with pytest.raises(ValueError, match="no augmented captions for 1 development clip"):
+        read_augmented_captions(partial, development)
+    with pytest.raises(FileNotFoundError, match="augmented captions CSV not found"):
+        read_augmented_captions(tmp_path / "absent.csv", development)

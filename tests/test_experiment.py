@@ -1,0 +1,70 @@
+"""The Sacred entry point: configuration checks before work starts, and a real end-to-end demo run."""
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from experiments.ex_dcase24 import ex
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_demo(data_dir: Path, **updates):
+    config = {"directories": {"data_dir": str(data_dir)}, "data_loader": {"n_workers": 0}, "max_epochs": 1}
+    for key, value in updates.items():
+        target = config
+        *parents, leaf = key.split("__")
+        for parent in parents:
+            target = target.setdefault(parent, {})
+        target[leaf] = value
+    return ex.run(named_configs=["demo"], config_updates=config, options={"--loglevel": "ERROR"})
+
+
+@pytest.mark.parametrize("updates, error, message", [
+    ({"audio_features__model": "cnn14"}, ValueError, "choices: passt, passt_small"),
+    ({"sentence_features__model": "gpt-9"}, ValueError, "choose one of roberta-base"),
+    ({"audio_features__segment_length": 40}, ValueError, "segment_length=40 s is longer than the clip"),
+    ({"audio_features__aggregate": "max"}, ValueError, "aggregate='max' is not one of mean"),
+    ({"lr_audio_encoder": 0}, ValueError, "lr_audio_encoder=0 must be positive"),
+    ({"data_loader__batch_size": 0}, ValueError, "data_loader.batch_size=0 must be >= 1"),
+    ({"rampdown_start": 5, "rampdown_stop": 3}, ValueError, "rampdown_stop=3 comes before rampdown_start=5"),
+    ({"train_on": "audiocaps"}, ValueError, "train_on='audiocaps' is not one of clothov2"),
+    ({"clotho_v2__folder_name": "absent"}, FileNotFoundError, "Clotho folder not found: .*absent"),
+])
+def test_bad_config_fails_before_training(data_dir, updates, error, message):
+    with pytest.raises(error, match=message):
+        run_demo(data_dir, **updates)
+    assert not (data_dir / "runs").exists()  # nothing trained, no run folder
+
+
+def test_unreadable_audio_is_named_before_training(data_dir):
+    folder = data_dir / "clotho_demo" / "validation"
+    broken = sorted(folder.iterdir())[0]
+    broken.write_bytes(b"RIFF garbage")
+    with pytest.raises(ValueError, match=f"cannot read audio file .*{broken.name}"):
+        run_demo(data_dir)
+    assert not (data_dir / "runs").exists()
+
+
+def test_demo_runs_end_to_end_through_the_command_line(data_dir):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    completed = subprocess.run(
+        [sys.executable, "-m", "experiments.ex_dcase24", "with", "demo", f"directories.data_dir={data_dir}",
+         "max_epochs=2", "data_loader.batch_size=8", "data_loader.n_workers=0", "audio_features.hop_length=2.5", "log_every_n_steps=1"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    result_line = [line for line in completed.stderr.splitlines() if "Result: {" in line][-1]
+    result = ast.literal_eval(result_line.split("Result: ", 1)[1])
+    assert set(result) == {"mAP@10", "R@1", "R@5", "R@10"}
+    assert all(0.0 <= value <= 1.0 for value in result.values())
+    assert "mAP@10" in completed.stdout and "(chance 0.5208)" in completed.stdout  # 4 test clips
+    (run_folder,) = (data_dir / "runs").iterdir()
+    checkpoints = sorted(path.name for path in (run_folder / "checkpoints").iterdir())
+    assert "last.ckpt" in checkpoints and any(name.startswith("best-") for name in checkpoints)
+    metrics_csv = next(run_folder.glob("logs/*/metrics.csv")).read_text()
+    for column in ("val/mAP@10", "train/loss", "lr-AdamW/audio_encoder", "lr-AdamW/sentence_project"):
+        assert column in metrics_csv
+    assert (data_dir / "clotho_demo" / "audio_cache" / "evaluation.h5").is_file()
