@@ -20,8 +20,8 @@ from sacred import Experiment
 from data_loaders.clotho_v2 import clotho_v2
 from data_loaders.data_loader import data_loader, get_data_loader, get_dataset
 from experiments.retrieval_module import OptimisationSettings, RetrievalModule
-from models.audio.passt import PasstEncoder
-from models.pooling import AGGREGATIONS, MeanPooling
+from models.audio.passt import PasstEncoder, check_model_name
+from models.pooling import AGGREGATIONS, MeanPooling, TextAwareAttentionPooling
 from models.retrieval_model import RetrievalModel
 from models.text.transformer import TextEncoder, resolve_text_model
 from utils.directories import directories, get_data_dir
@@ -30,7 +30,9 @@ from utils.schedule import validate_schedule
 
 ex = Experiment("dcase24", ingredients=[directories, clotho_v2, data_loader])
 TRAIN_SETS = ("clothov2",)
-LEARNING_RATE_KEYS = ("lr_audio_encoder", "lr_audio_project", "lr_sentence_encoder", "lr_sentence_project")
+DEMO_AUDIO_MODEL = "passt_small"
+DEMO_TEXT_MODEL = "clotho_demo/roberta-tiny"
+LEARNING_RATE_KEYS = ("lr_audio_encoder", "lr_audio_project", "lr_sentence_encoder", "lr_sentence_project", "lr_tap")
 
 
 @ex.config
@@ -56,7 +58,12 @@ def default_config():
         "remove_punctuation": True,
         "frozen": False,
     }
-    tap_hyperparams = {}  # text-aware attention pooling (audio_features.aggregate=TAP)
+    stand_in_models = False  # CPU stand-ins: passt -> passt_small, any text model -> the demo's tiny RoBERTa
+    tap_hyperparams = {  # text-aware attention pooling (audio_features.aggregate=TAP)
+        "dim": 1024,  # width of the query/key/value projections
+        "p_dropout_weights": 0.1,  # dropout on the attention weights (training only)
+        "p_dropout_proj": 0.1,  # dropout on the pooled output (training only)
+    }
     train_on = "clothov2"
     max_epochs = 20
     warmup_length = 1  # epochs of linear warm-up
@@ -67,6 +74,7 @@ def default_config():
     lr_audio_project = 2e-5
     lr_sentence_encoder = 2e-5
     lr_sentence_project = 2e-5
+    lr_tap = 2e-5  # TAP's projections and norms (aggregate=TAP)
     min_lr = 1e-7
     weight_decay = 0.0
     initial_tau = 0.05  # similarity temperature
@@ -89,10 +97,11 @@ def default_config():
 @ex.named_config
 def demo():
     # The whole pipeline on 2 CPU cores in minutes, on `python -m data_loaders.demo_data` output.
-    audio_features = {"model": "passt_small", "segment_length": 5,
+    audio_features = {"model": DEMO_AUDIO_MODEL, "segment_length": 5,
                       "model_config": {"pretrained": False, "s_patchout_t": 0, "s_patchout_f": 0,
                                        "freqm": 0, "timem": 0}}
-    sentence_features = {"model": "clotho_demo/roberta-tiny"}
+    sentence_features = {"model": DEMO_TEXT_MODEL}
+    stand_in_models = True  # so published commands with `demo` added run on a CPU
     clotho_v2 = {"folder_name": "clotho_demo"}
     data_loader = {"batch_size": 32, "batch_size_eval": 20, "n_workers": 1}
     max_epochs = 14
@@ -103,6 +112,7 @@ def demo():
     lr_audio_project = 1e-3
     lr_sentence_encoder = 1e-3
     lr_sentence_project = 1e-3
+    lr_tap = 1e-3
     min_lr = 1e-5
     shared_representation_size = 128
     precision = "32"
@@ -112,16 +122,20 @@ def demo():
 
 
 @ex.capture
-def check_config(audio_features: dict, tap_hyperparams: dict, train_on: str, max_epochs: int,
+def check_config(audio_features: dict, sentence_features: dict, train_on: str, max_epochs: int,
                  warmup_length: float, rampdown_start: float, rampdown_stop: float, rampdown_type: str,
                  min_lr: float, max_audio_seconds: float | None, clotho_v2: dict, data_loader: dict,
                  _config: dict) -> None:
     """Every cheap check on the configuration, so bad input fails before models or data load."""
+    check_model_name(audio_features["model"])
+    resolve_text_model(sentence_features["model"], get_data_dir())
     if train_on not in TRAIN_SETS:
         raise ValueError(f"train_on={train_on!r} is not one of {', '.join(TRAIN_SETS)}")
     if audio_features["aggregate"] not in AGGREGATIONS:
         raise ValueError(f"audio_features.aggregate={audio_features['aggregate']!r} is not one of "
                          f"{', '.join(AGGREGATIONS)}")
+    if audio_features["aggregate"] == "TAP":
+        build_pooling()  # checks tap_hyperparams
     for key in LEARNING_RATE_KEYS:
         if not _config[key] > 0:
             raise ValueError(f"{key}={_config[key]} must be positive")
@@ -139,18 +153,20 @@ def check_config(audio_features: dict, tap_hyperparams: dict, train_on: str, max
 
 
 @ex.capture
-def build_audio_encoder(audio_features: dict) -> PasstEncoder:
+def build_audio_encoder(audio_features: dict, stand_in_models: bool) -> PasstEncoder:
     config = audio_features["model_config"]
-    return PasstEncoder(model=audio_features["model"], window_seconds=audio_features["segment_length"],
+    return PasstEncoder(model=DEMO_AUDIO_MODEL if stand_in_models else audio_features["model"],
+                        window_seconds=audio_features["segment_length"],
                         hop_seconds=audio_features["hop_length"] or audio_features["segment_length"],
-                        pretrained=config["pretrained"], s_patchout_t=config["s_patchout_t"],
+                        pretrained=config["pretrained"] and not stand_in_models, s_patchout_t=config["s_patchout_t"],
                         s_patchout_f=config["s_patchout_f"], freqm=config["freqm"], timem=config["timem"],
                         frozen=config["frozen"])
 
 
 @ex.capture
-def build_text_encoder(sentence_features: dict) -> TextEncoder:
-    return TextEncoder(resolve_text_model(sentence_features["model"], get_data_dir()),
+def build_text_encoder(sentence_features: dict, stand_in_models: bool) -> TextEncoder:
+    name = DEMO_TEXT_MODEL if stand_in_models else sentence_features["model"]
+    return TextEncoder(resolve_text_model(name, get_data_dir()),
                        max_sentence_tokens=sentence_features["max_sentence_tokens"],
                        lowercase=sentence_features["lowercase"],
                        remove_punctuation=sentence_features["remove_punctuation"],
@@ -158,7 +174,12 @@ def build_text_encoder(sentence_features: dict) -> TextEncoder:
 
 
 @ex.capture
-def build_pooling(normalize: bool) -> torch.nn.Module:
+def build_pooling(audio_features: dict, tap_hyperparams: dict, shared_representation_size: int,
+                  normalize: bool) -> torch.nn.Module:
+    if audio_features["aggregate"] == "TAP":
+        return TextAwareAttentionPooling(shared_representation_size, dim=tap_hyperparams["dim"],
+                                         p_dropout_weights=tap_hyperparams["p_dropout_weights"],
+                                         p_dropout_proj=tap_hyperparams["p_dropout_proj"], normalize=normalize)
     return MeanPooling(normalize=normalize)
 
 
@@ -171,9 +192,10 @@ def build_model(shared_representation_size: int, normalize: bool, initial_tau: f
 
 @ex.capture
 def build_optimisation(lr_audio_encoder: float, lr_audio_project: float, lr_sentence_encoder: float,
-                       lr_sentence_project: float, min_lr: float, weight_decay: float, warmup_length: float,
-                       rampdown_start: float, rampdown_stop: float, rampdown_type: str) -> OptimisationSettings:
-    return OptimisationSettings(lr_audio_encoder, lr_audio_project, lr_sentence_encoder, lr_sentence_project,
+                       lr_sentence_project: float, lr_tap: float, min_lr: float, weight_decay: float,
+                       warmup_length: float, rampdown_start: float, rampdown_stop: float,
+                       rampdown_type: str) -> OptimisationSettings:
+    return OptimisationSettings(lr_audio_encoder, lr_audio_project, lr_sentence_encoder, lr_sentence_project, lr_tap,
                                 min_lr, weight_decay, warmup_length, rampdown_start, rampdown_stop, rampdown_type)
 
 

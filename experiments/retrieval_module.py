@@ -20,6 +20,7 @@ class OptimisationSettings:
     lr_audio_project: float
     lr_sentence_encoder: float
     lr_sentence_project: float
+    lr_tap: float
     min_lr: float
     weight_decay: float
     warmup_length: float
@@ -43,6 +44,7 @@ class RetrievalModule(L.LightningModule):
             ("audio_project", [self.model.audio_projection, self.model.tau], settings.lr_audio_project),
             ("sentence_encoder", self.model.text_encoder, settings.lr_sentence_encoder),
             ("sentence_project", self.model.text_projection, settings.lr_sentence_project),
+            ("tap", self.model.pooling, settings.lr_tap),
         ]
         groups = []
         for name, parts, lr in components:

@@ -1,10 +1,17 @@
-"""Pooling a clip's window sequence into one embedding, and scoring captions against clips."""
+"""Pooling a clip's window sequence into one embedding, and scoring captions against clips.
+
+`score(text, windows, mask)` is the one interface: (captions, dim), (clips, windows, dim) and
+(clips, windows) in, (captions, clips) similarities out.
+"""
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
 
-AGGREGATIONS = ("mean",)
+AGGREGATIONS = ("mean", "TAP")
+SCORING_MEMORY_BYTES = 256 * 2**20  # working memory one block of the full-split scorer may use
 
 
 def masked_mean(windows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -25,5 +32,111 @@ class MeanPooling(nn.Module):
         return nn.functional.normalize(pooled, dim=-1) if self.normalize else pooled
 
     def score(self, text: torch.Tensor, windows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Similarities (captions, clips) from text (captions, dim) and windows (clips, windows, dim)."""
         return text @ self(windows, mask).t()
+
+
+def block_size(total: int, bytes_per_item: int, memory_bytes: int) -> int:
+    """How many items fit a memory budget (at least one)."""
+    return max(1, min(total, memory_bytes // max(1, bytes_per_item)))
+
+
+class TextAwareAttentionPooling(nn.Module):
+    """TAP (Xin, Yang, Zou): the caption queries the clip's windows, so each caption sees its own clip embedding.
+
+    query = Wq LN(text), keys/values = Wk/Wv LN(windows), softmax over unpadded windows (attention-weight
+    dropout), then Wo back to the shared width, LayerNorm, dropout and, if `normalize`, L2 normalisation.
+    """
+
+    def __init__(self, shared_size: int, dim: int = 1024, p_dropout_weights: float = 0.1,
+                 p_dropout_proj: float = 0.1, normalize: bool = True,
+                 scoring_memory_bytes: int = SCORING_MEMORY_BYTES):
+        super().__init__()
+        if dim < 1:
+            raise ValueError(f"tap_hyperparams.dim={dim} must be a positive integer")
+        for name, p in (("p_dropout_weights", p_dropout_weights), ("p_dropout_proj", p_dropout_proj)):
+            if not 0 <= p < 1:
+                raise ValueError(f"tap_hyperparams.{name}={p} must be in [0, 1)")
+        self.text_norm = nn.LayerNorm(shared_size)
+        self.window_norm = nn.LayerNorm(shared_size)
+        self.query = nn.Linear(shared_size, dim)
+        self.key = nn.Linear(shared_size, dim)
+        self.value = nn.Linear(shared_size, dim)
+        self.output = nn.Linear(dim, shared_size)
+        self.output_norm = nn.LayerNorm(shared_size)
+        self.weight_dropout = nn.Dropout(p_dropout_weights)
+        self.output_dropout = nn.Dropout(p_dropout_proj)
+        self.normalize = normalize
+        self.scoring_memory_bytes = scoring_memory_bytes
+
+    def attention(self, text: torch.Tensor, windows: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention weights (captions, clips, windows), zero on padding, and the windows already passed
+        through the value and output projections (clips, windows, shared): weights sum to one, so the
+        output projection of the pooled values is the pooled output projections."""
+        query = self.query(self.text_norm(text))
+        normed = self.window_norm(windows)
+        keys = self.key(normed)
+        logits = torch.einsum("cd,awd->caw", query, keys) / math.sqrt(query.shape[-1])
+        weights = logits.masked_fill(~mask.unsqueeze(0), float("-inf")).softmax(dim=-1)
+        return self.weight_dropout(weights), self.output(self.value(normed))
+
+    def forward(self, text: torch.Tensor, windows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Each clip's embedding as seen by each caption: (captions, clips, shared)."""
+        weights, projected = self.attention(text, windows, mask)
+        pooled = self.output_dropout(self.output_norm(torch.einsum("caw,awd->cad", weights, projected)))
+        return nn.functional.normalize(pooled, dim=-1) if self.normalize else pooled
+
+    def _score_closed_form(self, text: torch.Tensor, windows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """forward(...) · text without materialising (captions, clips, shared): exact when dropout is off.
+
+        With x = sum_w a_w u_w (u_w: projected windows), LayerNorm and the norm of its output need only
+        a·(u_w · g), a's mean of u_w, and the Gram forms a^T (u u^T) a, so everything of width `shared`
+        is a matrix product over (caption, window) pairs.
+        """
+        weights, projected = self.attention(text, windows, mask)
+        gamma, beta, eps = self.output_norm.weight, self.output_norm.bias, self.output_norm.eps
+        width = projected.shape[-1]
+
+        def pooled_dot(vectors: torch.Tensor) -> torch.Tensor:  # (c, d) -> x · vectors[c]: (c, a)
+            return (weights * torch.einsum("cd,awd->caw", vectors, projected)).sum(-1)
+
+        def quadratic(scale: torch.Tensor) -> torch.Tensor:  # sum_d scale_d x_d^2: (c, a)
+            gram = torch.einsum("awd,avd->awv", projected * scale, projected)
+            return (torch.einsum("caw,awv->cav", weights, gram) * weights).sum(-1)
+
+        ones = torch.ones_like(gamma)
+        mean = pooled_dot(ones.unsqueeze(0) / width)
+        std = (quadratic(ones / width) - mean ** 2).clamp(min=0).add(eps).sqrt()
+        # y = gamma * (x - mean) / std + beta
+        y_dot_text = (pooled_dot(gamma * text) - mean * (gamma * text).sum(-1, keepdim=True)) / std \
+            + (beta * text).sum(-1, keepdim=True)
+        if not self.normalize:
+            return y_dot_text
+        gamma2, gamma_beta = gamma ** 2, gamma * beta
+        centred_gamma2 = quadratic(gamma2) - 2 * mean * pooled_dot(gamma2.unsqueeze(0)) + mean ** 2 * gamma2.sum()
+        centred_gamma_beta = pooled_dot(gamma_beta.unsqueeze(0)) - mean * gamma_beta.sum()
+        y_norm_sq = centred_gamma2 / std ** 2 + 2 * centred_gamma_beta / std + (beta ** 2).sum()
+        return y_dot_text / y_norm_sq.clamp(min=1e-24).sqrt()
+
+    def score(self, text: torch.Tensor, windows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(captions, clips) similarities, in caption x clip blocks sized to `scoring_memory_bytes`.
+
+        Training (dropout active) materialises each pair's pooled embedding; evaluation uses the exact
+        closed form, whose memory per pair is a few windows' worth instead of `shared` floats.
+        """
+        materialise = self.training and (self.weight_dropout.p > 0 or self.output_dropout.p > 0)
+        clips, window_count, width = windows.shape
+        per_pair = 4 * (4 * width if materialise else 8 * window_count + window_count ** 2)
+        clip_block = block_size(clips, per_pair * min(len(text), 64), self.scoring_memory_bytes)
+        caption_block = block_size(len(text), per_pair * clip_block, self.scoring_memory_bytes)
+        rows = []
+        for first_caption in range(0, len(text), caption_block):
+            captions = text[first_caption:first_caption + caption_block]
+            row = []
+            for first_clip in range(0, clips, clip_block):
+                block = slice(first_clip, first_clip + clip_block)
+                if materialise:
+                    row.append((self(captions, windows[block], mask[block]) * captions.unsqueeze(1)).sum(-1))
+                else:
+                    row.append(self._score_closed_form(captions, windows[block], mask[block]))
+            rows.append(torch.cat(row, dim=1))
+        return torch.cat(rows, dim=0)

@@ -27,11 +27,14 @@ def run_demo(data_dir: Path, **updates):
     ({"audio_features__model": "cnn14"}, ValueError, "choices: passt, passt_small"),
     ({"sentence_features__model": "gpt-9"}, ValueError, "choose one of roberta-base"),
     ({"audio_features__segment_length": 40}, ValueError, "segment_length=40 s is longer than the clip"),
-    ({"audio_features__aggregate": "max"}, ValueError, "aggregate='max' is not one of mean"),
+    ({"audio_features__aggregate": "max"}, ValueError, "aggregate=.max. is not one of mean, TAP"),
     ({"lr_audio_encoder": 0}, ValueError, "lr_audio_encoder=0 must be positive"),
     ({"data_loader__batch_size": 0}, ValueError, "data_loader.batch_size=0 must be >= 1"),
     ({"rampdown_start": 5, "rampdown_stop": 3}, ValueError, "rampdown_stop=3 comes before rampdown_start=5"),
     ({"train_on": "audiocaps"}, ValueError, "train_on='audiocaps' is not one of clothov2"),
+    ({"audio_features__aggregate": "TAP", "tap_hyperparams__dim": 0}, ValueError, "tap_hyperparams.dim=0 must be"),
+    ({"audio_features__aggregate": "TAP", "tap_hyperparams__p_dropout_weights": 1.0}, ValueError,
+     r"tap_hyperparams.p_dropout_weights=1.0 must be in \[0, 1\)"),
     ({"clotho_v2__folder_name": "absent"}, FileNotFoundError, "Clotho folder not found: .*absent"),
 ])
 def test_bad_config_fails_before_training(data_dir, updates, error, message):
@@ -68,3 +71,24 @@ def test_demo_runs_end_to_end_through_the_command_line(data_dir):
     for column in ("val/mAP@10", "train/loss", "lr-AdamW/audio_encoder", "lr-AdamW/sentence_project"):
         assert column in metrics_csv
     assert (data_dir / "clotho_demo" / "audio_cache" / "evaluation.h5").is_file()
+
+
+PUBLISHED_TAP_COMMAND = (
+    "data_loader.batch_size=16 data_loader.batch_size_eval=16 audio_features.model=passt "
+    "sentence_features.model=roberta-large rampdown_type=cosine max_epochs=20 rampdown_stop=15 warmup_length=1 "
+    "rampdown_start=1 train_on=clothov2 seed=409194 audio_features.aggregate=TAP "
+    "tap_hyperparams.p_dropout_weights=0.1 tap_hyperparams.p_dropout_proj=0.1 audio_features.segment_length=5 "
+    "audio_features.hop_length=5").split()
+
+
+def test_published_tap_command_runs_with_demo_added(data_dir):
+    completed = subprocess.run(
+        [sys.executable, "-m", "experiments.ex_dcase24", "with", "demo", *PUBLISHED_TAP_COMMAND,
+         f"directories.data_dir={data_dir}", "data_loader.n_workers=0"],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "Result: {" in completed.stderr
+    (run_folder,) = (data_dir / "runs").iterdir()
+    metrics_csv = next(run_folder.glob("logs/*/metrics.csv")).read_text()
+    assert "lr-AdamW/tap" in metrics_csv
+    assert metrics_csv.count("\n") > 20  # one validation row per epoch of the 20

@@ -38,6 +38,12 @@ PASST_VARIANTS = {
 }
 
 
+def check_model_name(model: str) -> PasstVariant:
+    if model not in PASST_VARIANTS:
+        raise ValueError(f"audio_features.model={model!r} is unknown; choices: {', '.join(PASST_VARIANTS)}")
+    return PASST_VARIANTS[model]
+
+
 def mel_frames(window_samples: int) -> int:
     """Spectrogram frames hear21passt's front end yields for one window (pre-emphasis drops a sample)."""
     return (window_samples - 1) // MEL_HOP_SAMPLES + 1
@@ -85,9 +91,7 @@ class PasstEncoder(nn.Module):
                  pretrained: bool = True, s_patchout_t: int = 0, s_patchout_f: int = 0,
                  freqm: int = 48, timem: int = 192, frozen: bool = False):
         super().__init__()
-        if model not in PASST_VARIANTS:
-            raise ValueError(f"audio_features.model={model!r} is unknown; choices: {', '.join(PASST_VARIANTS)}")
-        variant = PASST_VARIANTS[model]
+        variant = check_model_name(model)
         if not 0 < window_seconds <= variant.max_window_seconds:
             raise ValueError(f"audio_features.segment_length={window_seconds} s must be in "
                              f"(0, {variant.max_window_seconds}] for {model!r}")

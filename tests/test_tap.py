@@ -1,0 +1,92 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models.pooling import TextAwareAttentionPooling
+
+
+def make_inputs(captions=7, clips=5, windows=4, width=16, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    text = F.normalize(torch.randn(captions, width, generator=generator, dtype=torch.float64), dim=-1)
+    sequence = torch.randn(clips, windows, width, generator=generator, dtype=torch.float64)
+    valid = torch.tensor([windows, 1, 2, windows - 1, 3][:clips])
+    mask = torch.arange(windows).unsqueeze(0) < valid.unsqueeze(1)
+    sequence = sequence * mask.unsqueeze(-1)  # padded rows are zero, as the encoder leaves them
+    return text, sequence, mask
+
+
+def make_tap(width=16, dim=8, normalize=True, **kwargs):
+    torch.manual_seed(0)
+    tap = TextAwareAttentionPooling(width, dim=dim, normalize=normalize, **kwargs).double()
+    with torch.no_grad():  # non-trivial LayerNorm affine parameters, so the closed form is really tested
+        for norm in (tap.text_norm, tap.window_norm, tap.output_norm):
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.uniform_(-0.3, 0.3)
+    return tap.eval()
+
+
+def direct_embedding(tap, caption, clip_windows, valid):
+    """One caption, one clip, an explicit softmax over its unpadded windows only."""
+    query = tap.query(F.layer_norm(caption, caption.shape, tap.text_norm.weight, tap.text_norm.bias))
+    real = clip_windows[:valid]
+    normed = F.layer_norm(real, real.shape[-1:], tap.window_norm.weight, tap.window_norm.bias)
+    logits = torch.stack([query @ tap.key(row) for row in normed]) / math.sqrt(query.shape[0])
+    weights = torch.exp(logits - logits.max())
+    weights = weights / weights.sum()
+    pooled = sum(w * tap.value(row) for w, row in zip(weights, normed))
+    out = tap.output_norm(tap.output(pooled))
+    return F.normalize(out, dim=-1) if tap.normalize else out
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_embedding_matches_direct_computation(normalize):
+    tap = make_tap(normalize=normalize)
+    text, windows, mask = make_inputs()
+    with torch.no_grad():
+        pooled = tap(text, windows, mask)
+        for caption in range(len(text)):
+            for clip in range(len(windows)):
+                expected = direct_embedding(tap, text[caption], windows[clip], int(mask[clip].sum()))
+                torch.testing.assert_close(pooled[caption, clip], expected)
+
+
+def test_padded_windows_get_zero_weight():
+    tap = make_tap()
+    text, windows, mask = make_inputs()
+    weights, _ = tap.attention(text, windows + 5.0 * (~mask).unsqueeze(-1), mask)  # garbage in padding
+    assert torch.all(weights[:, ~mask] == 0)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(weights.shape[:2], dtype=weights.dtype))
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("memory_bytes", [1, 3000, 20000, 10**9])  # blocks that do and do not divide 7 x 5
+def test_blocked_scores_equal_the_naive_double_loop(normalize, memory_bytes):
+    tap = make_tap(normalize=normalize, scoring_memory_bytes=memory_bytes)
+    text, windows, mask = make_inputs()
+    with torch.no_grad():
+        scores = tap.score(text, windows, mask)
+        naive = torch.tensor([[direct_embedding(tap, text[c], windows[a], int(mask[a].sum())) @ text[c]
+                               for a in range(len(windows))] for c in range(len(text))], dtype=scores.dtype)
+    torch.testing.assert_close(scores, naive)
+
+
+def test_training_scores_use_dropout_and_keep_gradients():
+    tap = make_tap(p_dropout_weights=0.5, p_dropout_proj=0.5).train()
+    text, windows, mask = make_inputs()
+    windows.requires_grad_(True)
+    first, second = tap.score(text, windows, mask), tap.score(text, windows, mask)
+    assert not torch.allclose(first, second)
+    first.sum().backward()
+    assert windows.grad is not None and torch.all(windows.grad[~mask] == 0)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(dim=0), r"tap_hyperparams.dim=0 must be a positive integer"),
+    (dict(p_dropout_weights=1.0), r"tap_hyperparams.p_dropout_weights=1.0 must be in \[0, 1\)"),
+    (dict(p_dropout_proj=-0.1), r"tap_hyperparams.p_dropout_proj=-0.1 must be in \[0, 1\)"),
+])
+def test_bad_hyperparameters(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TextAwareAttentionPooling(16, **kwargs)
