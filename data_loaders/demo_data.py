@@ -1,7 +1,8 @@
 """A small synthetic dataset in the exact Clotho v2.1 layout, for the CPU demo and the tests.
 
 Every clip mixes one to three synthesised sound events that last the whole clip, and each of its
-five captions names those events in different words, so retrieval has to be learned from the
+five captions names those events in different words (the development split also gets a ten-caption
+CSV in the format of the published Phi-4 overcaptions), so retrieval has to be learned from the
 audio (with 12 events there are 298 event sets: chance mAP@10 on 100 clips is about 0.03).
 The generator also trains a byte-level BPE tokenizer on the captions and saves a small, randomly
 initialised RoBERTa beside the data, so the demo exercises the real `transformers` loading path.
@@ -21,6 +22,7 @@ from typing import Callable
 import numpy as np
 import soundfile
 
+from data_loaders.clotho_v2 import PHI4_CAPTIONS_FILE
 from utils.paths import default_data_dir
 
 SOURCE_RATE = 44100
@@ -178,7 +180,7 @@ def _write_split(folder: Path, split: str, clips: int, rng: np.random.Generator)
     audio_folder = folder / split
     audio_folder.mkdir(parents=True)
     names = list(EVENTS)
-    caption_rows, metadata_rows, all_captions = [], [], []
+    caption_rows, metadata_rows, augmented_rows, all_captions = [], [], [], []
     for index in range(clips):
         events = sorted(rng.choice(names, size=rng.choice([1, 2, 2, 3]), replace=False).tolist())
         file_name = f"demo {split} clip {index:04d}.wav"
@@ -187,10 +189,14 @@ def _write_split(folder: Path, split: str, clips: int, rng: np.random.Generator)
         captions = [caption_for(events, rng) for _ in range(5)]
         all_captions += captions
         caption_rows.append([file_name, *captions])
+        augmented_rows.append([file_name, *captions, *[caption_for(events, rng) for _ in range(5)]])
         metadata_rows.append([file_name, ";".join(events), index, f"https://example.org/demo/{index}",
                               "[0, 0]", NON_ASCII_MANUFACTURERS[index % len(NON_ASCII_MANUFACTURERS)], "CC0"])
     with open(folder / f"clotho_captions_{split}.csv", "w", newline="", encoding="utf-8") as handle:
         csv.writer(handle).writerows([["file_name"] + [f"caption_{i}" for i in range(1, 6)], *caption_rows])
+    if split == "development":  # stands in for the Phi-4 overcaptions: five more paraphrases per clip
+        with open(folder / PHI4_CAPTIONS_FILE, "w", newline="", encoding="utf-8") as handle:
+            csv.writer(handle).writerows([["file_name"] + [f"caption_{i}" for i in range(1, 11)], *augmented_rows])
     with open(folder / f"clotho_metadata_{split}.csv", "w", newline="", encoding="ISO-8859-1") as handle:
         csv.writer(handle).writerows([["file_name", "keywords", "sound_id", "sound_link", "start_end_samples",
                                        "manufacturer", "license"], *metadata_rows])

@@ -2,6 +2,7 @@ import csv
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import soundfile
 
@@ -77,3 +78,35 @@ def test_phi4_csv_must_cover_the_split_exactly(tmp_path):
         read_augmented_captions(partial, development)
     with pytest.raises(FileNotFoundError, match="augmented captions CSV not found"):
         read_augmented_captions(tmp_path / "absent.csv", development)
+
+
+def test_ten_caption_loader_on_the_published_csv_with_stand_in_audio(tmp_path):
+    from sacred import Experiment
+
+    from data_loaders.clotho_v2 import clotho_v2
+    from data_loaders.data_loader import get_dataset
+
+    folder = tmp_path / "clotho_v2"
+    (folder / "development").mkdir(parents=True)
+    published = read_captions(PHI4_CSV, captions_per_clip=10)
+    with open(folder / "clotho_captions_development.csv", "w", newline="", encoding="utf-8") as handle:
+        csv.writer(handle).writerows([["file_name"] + [f"caption_{i}" for i in range(1, 6)],
+                                      *[[clip.file_name, *clip.captions[:5]] for clip in published]])
+    shutil.copy(PHI4_CSV, folder / PHI4_CSV.name)
+    silence = np.zeros(441, dtype=np.int16)
+    for clip in published:
+        soundfile.write(folder / "development" / clip.file_name, silence, 44100)
+
+    experiment = Experiment("ten_captions", ingredients=[clotho_v2])
+
+    @experiment.main
+    def build():
+        dataset = get_dataset("train")
+        return len(dataset), [dataset.samples[i][1] for i in range(10)], dataset[12]["caption"]
+
+    run = experiment.run(config_updates={"clotho_v2": {"add_phi4_captions": True},
+                                         "directories": {"data_dir": str(tmp_path)}}, options={"--loglevel": "ERROR"})
+    size, first_clip_captions, twelfth = run.result
+    assert size == 10 * len(published)
+    assert first_clip_captions == list(published[0].captions)
+    assert twelfth == published[1].captions[2]

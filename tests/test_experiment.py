@@ -1,5 +1,7 @@
 """The Sacred entry point: configuration checks before work starts, and a real end-to-end demo run."""
 import ast
+import csv
+import io
 import os
 import subprocess
 import sys
@@ -92,3 +94,17 @@ def test_published_tap_command_runs_with_demo_added(data_dir):
     metrics_csv = next(run_folder.glob("logs/*/metrics.csv")).read_text()
     assert "lr-AdamW/tap" in metrics_csv
     assert metrics_csv.count("\n") > 20  # one validation row per epoch of the 20
+
+
+def test_published_tap_phi4_command_trains_on_ten_captions(data_dir):
+    completed = subprocess.run(
+        [sys.executable, "-m", "experiments.ex_dcase24", "with", "demo", *PUBLISHED_TAP_COMMAND,
+         "clotho_v2.add_phi4_captions=True", f"directories.data_dir={data_dir}", "data_loader.n_workers=0",
+         "max_epochs=1", "log_every_n_steps=1"],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    (run_folder,) = (data_dir / "runs").iterdir()
+    metrics_csv = next(run_folder.glob("logs/*/metrics.csv")).read_text()
+    # 6 clips x 10 captions = 60 samples: 3 steps of 16 (drop_last) instead of 1 step with 5 captions per clip
+    rows = list(csv.DictReader(io.StringIO(metrics_csv)))
+    assert len({row["step"] for row in rows if row["train/loss"]}) == 3
