@@ -26,7 +26,7 @@ from models.retrieval_model import RetrievalModel
 from models.text.transformer import TextEncoder, resolve_text_model
 from utils.directories import directories, get_data_dir
 from utils.metrics import chance_metrics
-from utils.schedule import validate_schedule
+from utils.schedule import save_schedule_plot, validate_schedule
 
 ex = Experiment("dcase24", ingredients=[directories, clotho_v2, data_loader])
 TRAIN_SETS = ("clothov2",)
@@ -230,6 +230,22 @@ def build_trainer(folder: Path, max_epochs: int, precision, accumulate_grad_batc
                      num_sanity_val_steps=0)
 
 
+@ex.capture
+def plot_schedule(path: Path, audio_features: dict, min_lr: float, warmup_length: float, rampdown_start: float,
+                  rampdown_stop: float, rampdown_type: str, max_epochs: int, _config: dict) -> Path:
+    groups = [key for key in LEARNING_RATE_KEYS if key != "lr_tap" or audio_features["aggregate"] == "TAP"]
+    save_schedule_plot({key.removeprefix("lr_"): _config[key] for key in groups}, min_lr, warmup_length,
+                       rampdown_start, rampdown_stop, rampdown_type, max_epochs, path)
+    return path
+
+
+@ex.command
+def print_lr(output: str = "lr_schedule.png") -> None:
+    """Save the learning-rate schedule of the current config as a PNG: `print_lr with output=path.png ...`."""
+    check_config()
+    print(f"learning-rate schedule saved to {plot_schedule(Path(output)).resolve()}")
+
+
 @ex.main
 def train_and_evaluate(load_parameters: str | None, resume_training: str | None, seed: int) -> dict[str, float]:
     """Trains, picks the best epoch on the validation split, returns its test-split metrics."""
@@ -242,6 +258,7 @@ def train_and_evaluate(load_parameters: str | None, resume_training: str | None,
     loaders = build_data_loaders()
     module = RetrievalModule(model, build_optimisation())
     folder = run_folder()
+    ex.add_artifact(str(plot_schedule(folder / "lr_schedule.png")))
     trainer = build_trainer(folder)
     trainer.fit(module, loaders["train"], loaders["val"], ckpt_path=resume_training)
     best = trainer.checkpoint_callback.best_model_path or None

@@ -73,6 +73,17 @@ def test_demo_runs_end_to_end_through_the_command_line(data_dir):
     for column in ("val/mAP@10", "train/loss", "lr-AdamW/audio_encoder", "lr-AdamW/sentence_project"):
         assert column in metrics_csv
     assert (data_dir / "clotho_demo" / "audio_cache" / "evaluation.h5").is_file()
+    assert (run_folder / "lr_schedule.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_print_lr_saves_the_schedule_png(tmp_path):
+    output = tmp_path / "schedule.png"
+    ex.run("print_lr", config_updates={"output": str(output), "audio_features": {"aggregate": "TAP"}},
+           options={"--loglevel": "ERROR"})
+    assert output.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and output.stat().st_size > 10_000
+    with pytest.raises(ValueError, match="rampdown_stop=2 comes before rampdown_start=4"):
+        ex.run("print_lr", config_updates={"output": str(tmp_path / "x.png"), "rampdown_start": 4,
+                                           "rampdown_stop": 2}, options={"--loglevel": "ERROR"})
 
 
 PUBLISHED_TAP_COMMAND = (

@@ -53,3 +53,27 @@ def learning_rate_factor(step: int, steps_per_epoch: float, peak_lr: float, min_
     epoch = step / steps_per_epoch
     return learning_rate(epoch, peak_lr, min_lr, warmup_length, rampdown_start, rampdown_stop,
                          rampdown_type) / peak_lr
+
+
+def save_schedule_plot(peak_lrs: dict[str, float], min_lr: float, warmup_length: float, rampdown_start: float,
+                       rampdown_stop: float, rampdown_type: str, max_epochs: int, path) -> None:
+    """PNG of each parameter group's learning rate over the run (written to a temporary file, then renamed)."""
+    import os
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [max_epochs * step / 1000 for step in range(1001)]
+    figure, axis = plt.subplots(figsize=(7, 3.5))
+    for name, peak in peak_lrs.items():
+        axis.plot(epochs, [learning_rate(epoch, peak, min(min_lr, peak), warmup_length, rampdown_start,
+                                         rampdown_stop, rampdown_type) for epoch in epochs], label=name)
+    axis.set(xlabel="epoch", ylabel="learning rate", yscale="log",
+             title=f"warm-up {warmup_length}, {rampdown_type} ramp-down {rampdown_start}-{rampdown_stop}")
+    axis.legend(fontsize="small")
+    figure.tight_layout()
+    partial = f"{path}.partial.png"
+    figure.savefig(partial, dpi=120)
+    plt.close(figure)
+    os.replace(partial, path)
