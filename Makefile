@@ -28,10 +28,8 @@ test: prepare  ## the test suite
 train: prepare  ## the Sacred experiment with TRAIN_ARGS="key=value ..."
 	$(PYTHON) -m experiments.ex_dcase24 with "directories.data_dir=$(DATA_DIR)" $(TRAIN_ARGS)
 
-download-dataset:
-	@echo "Automatic download of Clotho v2.1 is not implemented yet: fetch the development, validation and"
-	@echo "evaluation archives and CSVs from Zenodo record 4783391 and unpack them into $(DATA_DIR)/clotho_v2"
-	@echo "(layout in README, 'Data')." && exit 1
+download-dataset: prepare  ## Clotho v2.1 (+ the published Phi-4 captions) into $(DATA_DIR)/clotho_v2
+	scripts/download_clothov2.sh --data-dir "$(DATA_DIR)" --with-phi4-captions
 
 benchmark: prepare  ## throughput and evaluation time; figures go to benchmarks/RESULTS.md by hand
 	$(PYTHON) -m benchmarks.bench_stage1

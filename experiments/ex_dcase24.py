@@ -17,13 +17,14 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from sacred import Experiment
 
-from data_loaders.clotho_v2 import clotho_v2
+from data_loaders.audio_cache import stale_clips
+from data_loaders.clotho_v2 import SPLITS, captions_csv, clotho_v2, read_captions
 from data_loaders.data_loader import data_loader, get_data_loader, get_dataset
 from experiments.retrieval_module import OptimisationSettings, RetrievalModule
-from models.audio.passt import PasstEncoder, check_model_name
+from models.audio.passt import PasstEncoder, check_model_name, pretrained_weights_path
 from models.pooling import AGGREGATIONS, MeanPooling, TextAwareAttentionPooling
 from models.retrieval_model import RetrievalModel
-from models.text.transformer import TextEncoder, resolve_text_model
+from models.text.transformer import TextEncoder, resolve_text_model, text_model_available
 from utils.directories import directories, get_data_dir
 from utils.metrics import chance_metrics
 from utils.schedule import save_schedule_plot, validate_schedule
@@ -244,6 +245,44 @@ def print_lr(output: str = "lr_schedule.png") -> None:
     """Save the learning-rate schedule of the current config as a PNG: `print_lr with output=path.png ...`."""
     check_config()
     print(f"learning-rate schedule saved to {plot_schedule(Path(output)).resolve()}")
+
+
+@ex.capture
+def split_report(split: str, clotho_v2: dict) -> str:
+    """One line on a split: clips, captions, missing audio, cache state."""
+    folder = get_data_dir() / clotho_v2["folder_name"]
+    clotho_split = SPLITS[split]
+    try:
+        clips = read_captions(captions_csv(folder, clotho_split))
+    except (FileNotFoundError, ValueError) as error:
+        return f"({clotho_split}) {error}"
+    audio_folder = folder / clotho_split
+    missing = [clip.file_name for clip in clips if not (audio_folder / clip.file_name).is_file()]
+    cache_path = folder / "audio_cache" / f"{clotho_split}.h5"
+    present = [clip.file_name for clip in clips if clip.file_name not in set(missing)]
+    stale = stale_clips(cache_path, audio_folder, present, clotho_v2["sample_rate"])
+    cache = "absent" if not cache_path.exists() else ("up to date" if not stale else f"{len(stale)} clips to decode")
+    return (f"({clotho_split}) {len(clips)} clips, {sum(len(c.captions) for c in clips)} captions, "
+            f"{len(missing)} audio files missing{' e.g. ' + repr(missing[0]) if missing else ''}; cache {cache}")
+
+
+@ex.command
+def cmd_check_setup(audio_features: dict, sentence_features: dict, stand_in_models: bool, _run) -> dict:
+    """What the current config needs and what is in place: data, caches, weights, GPU, observers."""
+    report = {split: split_report(split) for split in SPLITS}
+    audio_model = DEMO_AUDIO_MODEL if stand_in_models else audio_features["model"]
+    weights = pretrained_weights_path(audio_model)
+    if weights is None or not audio_features["model_config"]["pretrained"]:
+        report["audio weights"] = f"{audio_model}: random init, nothing to fetch"
+    else:
+        report["audio weights"] = f"{audio_model}: {'found' if weights.is_file() else 'MISSING'} at {weights}"
+    text_model = resolve_text_model(DEMO_TEXT_MODEL if stand_in_models else sentence_features["model"], get_data_dir())
+    report["text weights"] = f"{text_model}: {'available' if text_model_available(text_model) else 'MISSING (not in $HF_HOME)'}"
+    report["GPU"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "none (CPU only)"
+    report["observers"] = ", ".join(type(observer).__name__ for observer in _run.observers) or "none"
+    for key, line in report.items():
+        print(f"{key:>14}: {line}")
+    return report
 
 
 @ex.main

@@ -5,6 +5,7 @@ import contextlib
 import io
 import urllib.error
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from hear21passt.models import passt as hear21passt_models
@@ -42,6 +43,15 @@ def check_model_name(model: str) -> PasstVariant:
     if model not in PASST_VARIANTS:
         raise ValueError(f"audio_features.model={model!r} is unknown; choices: {', '.join(PASST_VARIANTS)}")
     return PASST_VARIANTS[model]
+
+
+def pretrained_weights_path(model: str) -> Path | None:
+    """Where hear21passt caches the model's weights (torch hub's checkpoints folder); None if it has none."""
+    variant = check_model_name(model)
+    if variant.arch is None:
+        return None
+    url = hear21passt_models.default_cfgs[variant.arch]["url"]
+    return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
 
 
 def mel_frames(window_samples: int) -> int:

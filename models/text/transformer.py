@@ -38,6 +38,14 @@ def resolve_text_model(name: str, data_dir: str | os.PathLike | None = None) -> 
                      f"directories.data_dir={data_dir}")
 
 
+def text_model_available(model_path: str) -> bool:
+    """True for a local model directory, or a Hub model already in the local cache."""
+    if (Path(model_path) / "config.json").is_file():
+        return True
+    from huggingface_hub import try_to_load_from_cache
+    return isinstance(try_to_load_from_cache(model_path, "config.json"), str)
+
+
 def _load_pretrained(loader, model_path: str):
     try:
         return loader.from_pretrained(model_path)
