@@ -25,8 +25,8 @@ demo: demo-data  ## train and evaluate the CPU demo (about 6 minutes on 2 cores)
 test: prepare  ## the test suite
 	$(PYTHON) -m pytest -q
 
-train: prepare  ## the Sacred experiment with TRAIN_ARGS="key=value ..."
-	$(PYTHON) -m experiments.ex_dcase24 with "directories.data_dir=$(DATA_DIR)" $(TRAIN_ARGS)
+train: prepare  ## the memory-lean single-GPU recipe; TRAIN_ARGS="key=value ..." overrides
+	$(PYTHON) -m experiments.ex_dcase24 with lean_single_gpu "directories.data_dir=$(DATA_DIR)" $(TRAIN_ARGS)
 
 download-dataset: prepare  ## Clotho v2.1 (+ the published Phi-4 captions) into $(DATA_DIR)/clotho_v2
 	scripts/download_clothov2.sh --data-dir "$(DATA_DIR)" --with-phi4-captions

@@ -21,6 +21,7 @@ from data_loaders.audio_cache import stale_clips
 from data_loaders.clotho_v2 import SPLITS, captions_csv, clotho_v2, read_captions
 from data_loaders.data_loader import data_loader, get_data_loader, get_dataset
 from experiments.retrieval_module import OptimisationSettings, RetrievalModule
+from experiments.tracking import SacredMetrics, prepare_observer_options, route_mongo_failures
 from models.audio.passt import PasstEncoder, check_model_name, pretrained_weights_path
 from models.pooling import AGGREGATIONS, MeanPooling, TextAwareAttentionPooling
 from models.retrieval_model import RetrievalModel
@@ -30,6 +31,11 @@ from utils.metrics import chance_metrics
 from utils.schedule import save_schedule_plot, validate_schedule
 
 ex = Experiment("dcase24", ingredients=[directories, clotho_v2, data_loader])
+
+
+@ex.option_hook
+def observers_from_options(options: dict) -> None:
+    prepare_observer_options(ex, options)
 TRAIN_SETS = ("clothov2",)
 DEMO_AUDIO_MODEL = "passt_small"
 DEMO_TEXT_MODEL = "clotho_demo/roberta-tiny"
@@ -90,6 +96,11 @@ def default_config():
     devices = 1
     log_every_n_steps = 50
     monitor = "mAP@10"  # validation metric that picks the best checkpoint
+    require_gpu = False  # stop before training if no CUDA GPU is visible
+    use_wandb = False  # also stream metrics and config to Weights & Biases (WANDB_MODE=offline: local only)
+    wandb_project = "dcase24-retrieval"
+    wandb_entity = None
+    run_name = None  # W&B run name
     load_parameters = None  # checkpoint whose model weights initialise this run
     resume_training = None  # checkpoint to continue (optimizer, schedule and epoch included)
     seed = 409194
@@ -122,11 +133,31 @@ def demo():
     accelerator = "cpu"
 
 
+@ex.named_config
+def lean_single_gpu():
+    # The published memory-lean single-GPU recipe (`make train`): effective batch 36 = 6 x 6 accumulation,
+    # 12 s training crops, bf16, 20 epochs with 1 warm-up epoch, peak learning rate 3e-6, clipping at 1.0.
+    data_loader = {"batch_size": 6}
+    accumulate_grad_batches = 6
+    max_audio_seconds = 12
+    precision = "bf16-mixed"
+    max_epochs = 20
+    warmup_length = 1
+    rampdown_start = 1
+    lr_audio_encoder = 3e-6
+    lr_audio_project = 3e-6
+    lr_sentence_encoder = 3e-6
+    lr_sentence_project = 3e-6
+    lr_tap = 3e-6
+    gradient_clip_val = 1.0
+    require_gpu = True
+
+
 @ex.capture
 def check_config(audio_features: dict, sentence_features: dict, train_on: str, max_epochs: int,
                  warmup_length: float, rampdown_start: float, rampdown_stop: float, rampdown_type: str,
                  min_lr: float, max_audio_seconds: float | None, clotho_v2: dict, data_loader: dict,
-                 _config: dict) -> None:
+                 require_gpu: bool, _config: dict) -> None:
     """Every cheap check on the configuration, so bad input fails before models or data load."""
     check_model_name(audio_features["model"])
     resolve_text_model(sentence_features["model"], get_data_dir())
@@ -151,6 +182,9 @@ def check_config(audio_features: dict, sentence_features: dict, train_on: str, m
     if max_audio_seconds is not None and not 0 < max_audio_seconds:
         raise ValueError(f"max_audio_seconds={max_audio_seconds} must be positive (or None)")
     validate_schedule(warmup_length, rampdown_start, rampdown_stop, rampdown_type, max_epochs)
+    if require_gpu and not torch.cuda.is_available():
+        raise RuntimeError("no CUDA GPU is visible (require_gpu=True, set by lean_single_gpu / make train): run on a "
+                           "GPU machine, or add require_gpu=False to train on this machine anyway")
 
 
 @ex.capture
@@ -219,14 +253,27 @@ def run_folder(_run) -> Path:
 
 
 @ex.capture
+def build_loggers(folder: Path, use_wandb: bool, wandb_project: str, wandb_entity: str | None,
+                  run_name: str | None, _config: dict) -> list:
+    loggers = [CSVLogger(folder, name="logs")]
+    if use_wandb:
+        from lightning.pytorch.loggers import WandbLogger
+        wandb = WandbLogger(project=wandb_project, entity=wandb_entity, name=run_name or folder.name,
+                            save_dir=str(folder))
+        wandb.log_hyperparams(_config)
+        loggers.append(wandb)
+    return loggers
+
+
+@ex.capture
 def build_trainer(folder: Path, max_epochs: int, precision, accumulate_grad_batches: int, gradient_clip_val,
-                  accelerator: str, devices, monitor: str, log_every_n_steps: int) -> L.Trainer:
+                  accelerator: str, devices, monitor: str, log_every_n_steps: int, _run) -> L.Trainer:
     checkpoint = ModelCheckpoint(dirpath=folder / "checkpoints", filename="best-{epoch:02d}",
                                  monitor=f"val/{monitor}", mode="max", save_last=True)
     return L.Trainer(max_epochs=max_epochs, precision=precision, accumulate_grad_batches=accumulate_grad_batches,
                      gradient_clip_val=gradient_clip_val, accelerator=accelerator, devices=devices,
-                     default_root_dir=folder, logger=CSVLogger(folder, name="logs"),
-                     callbacks=[checkpoint, LearningRateMonitor(logging_interval="step")],
+                     default_root_dir=folder, logger=build_loggers(folder),
+                     callbacks=[checkpoint, LearningRateMonitor(logging_interval="step"), SacredMetrics(_run)],
                      log_every_n_steps=log_every_n_steps,
                      num_sanity_val_steps=0)
 
@@ -286,7 +333,8 @@ def cmd_check_setup(audio_features: dict, sentence_features: dict, stand_in_mode
 
 
 @ex.main
-def train_and_evaluate(load_parameters: str | None, resume_training: str | None, seed: int) -> dict[str, float]:
+def train_and_evaluate(load_parameters: str | None, resume_training: str | None, seed: int,
+                       _run) -> dict[str, float]:
     """Trains, picks the best epoch on the validation split, returns its test-split metrics."""
     check_config()
     L.seed_everything(seed, workers=True)
@@ -297,10 +345,13 @@ def train_and_evaluate(load_parameters: str | None, resume_training: str | None,
     loaders = build_data_loaders()
     module = RetrievalModule(model, build_optimisation())
     folder = run_folder()
+    route_mongo_failures(_run, folder)
+    _run.info["run_folder"] = str(folder)
     ex.add_artifact(str(plot_schedule(folder / "lr_schedule.png")))
     trainer = build_trainer(folder)
     trainer.fit(module, loaders["train"], loaders["val"], ckpt_path=resume_training)
     best = trainer.checkpoint_callback.best_model_path or None
+    _run.info["best_checkpoint"] = best
     print(f"best checkpoint: {best}")
     (tested,) = trainer.test(module, loaders["test"], ckpt_path=best, weights_only=False)
     result = {key.removeprefix("test/"): value for key, value in tested.items()}

@@ -119,3 +119,15 @@ def test_published_tap_phi4_command_trains_on_ten_captions(data_dir):
     # 6 clips x 10 captions = 60 samples: 3 steps of 16 (drop_last) instead of 1 step with 5 captions per clip
     rows = list(csv.DictReader(io.StringIO(metrics_csv)))
     assert len({row["step"] for row in rows if row["train/loss"]}) == 3
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_make_train_recipe_says_the_gpu_is_missing(data_dir):
+    with pytest.raises(RuntimeError, match="no CUDA GPU is visible .*require_gpu=False"):
+        ex.run(named_configs=["demo", "lean_single_gpu"], options={"--loglevel": "ERROR"},
+               config_updates={"directories": {"data_dir": str(data_dir)}})
+    run = ex.run("print_config", named_configs=["lean_single_gpu"], options={"--loglevel": "ERROR"})
+    config = run.config
+    assert (config["data_loader"]["batch_size"] * config["accumulate_grad_batches"], config["max_audio_seconds"],
+            config["precision"], config["lr_audio_encoder"], config["gradient_clip_val"]) == (36, 12, "bf16-mixed",
+                                                                                               3e-6, 1.0)

@@ -1,0 +1,109 @@
+"""Run history: Sacred observers (MongoDB, file storage) and Lightning loggers, wired for this experiment.
+
+MongoDB comes from Sacred's `-m HOST:PORT:DB` or, once for all commands, from $DCASE24_MONGO (same
+syntax). The server is pinged before the run starts; if it does not answer, the run stops with one line,
+or, with $DCASE24_MONGO_FALLBACK=DIR, continues with a file observer in DIR and says so. A run whose
+server goes away later still finishes: Sacred retries the final write and otherwise pickles the record
+into the run folder's `mongo_failures/`, and every MongoDB run also keeps a file-observer copy.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import lightning as L
+from sacred.observers import MongoObserver
+from sacred.observers.mongo import parse_mongo_db_arg
+
+from utils.paths import default_data_dir
+
+MONGO_OPTION = "--mongo_db"
+FILE_OPTION = "--file_storage"
+
+
+def mongo_reachable(url: str, timeout_ms: int = 2000) -> bool:
+    import pymongo
+
+    try:
+        pymongo.MongoClient(url, serverSelectionTimeoutMS=timeout_ms).admin.command("ping")
+        return True
+    except pymongo.errors.PyMongoError:
+        return False
+
+
+class PatientMongoObserver(MongoObserver):
+    """Sacred's MongoObserver with short server-selection time-outs, so an outage delays a run by seconds."""
+
+    @classmethod
+    def for_option(cls, value: str) -> "PatientMongoObserver":
+        import pymongo
+
+        settings = parse_mongo_db_arg(value)
+        client = pymongo.MongoClient(settings.pop("url", "localhost:27017"), serverSelectionTimeoutMS=2000)
+        return cls(client=client, **settings)
+
+
+def prepare_observer_options(experiment, options: dict) -> None:
+    """Sacred option hook: default Mongo URL from the environment, ping it, fall back or stop."""
+    experiment.observers[:] = [o for o in experiment.observers if not isinstance(o, PatientMongoObserver)]
+    if not options.get(MONGO_OPTION) and os.environ.get("DCASE24_MONGO"):
+        options[MONGO_OPTION] = os.environ["DCASE24_MONGO"]
+    if not options.get(MONGO_OPTION):
+        return
+    value, options[MONGO_OPTION] = options[MONGO_OPTION], None  # the observer below replaces Sacred's own
+    url = parse_mongo_db_arg(value).get("url", "localhost:27017")
+    backup = Path(default_data_dir()).expanduser() / "sacred_runs"
+    if not mongo_reachable(url):
+        fallback = os.environ.get("DCASE24_MONGO_FALLBACK")
+        if not fallback:
+            sys.exit(f"error: MongoDB at {url} does not answer; start it (e.g. `mongod --dbpath DIR`), drop -m, or "
+                     f"set DCASE24_MONGO_FALLBACK=DIR to record the run with a file observer instead")
+        print(f"MongoDB at {url} does not answer: recording this run with a file observer in {fallback}",
+              file=sys.stderr)
+        options[FILE_OPTION] = fallback
+        return
+    observer = PatientMongoObserver.for_option(value)
+    observer.failure_dir = str(Path(default_data_dir()).expanduser() / "runs" / "mongo_failures")
+    experiment.observers.append(observer)
+    if not options.get(FILE_OPTION):
+        options[FILE_OPTION] = str(backup)
+        print(f"recording in MongoDB at {url}, with a file-observer copy in {backup}", file=sys.stderr)
+
+
+def route_mongo_failures(run, folder: Path) -> None:
+    """A MongoObserver that cannot reach its server at the end pickles the run record into the run folder."""
+    for observer in run.observers:
+        if isinstance(observer, MongoObserver):
+            observer.failure_dir = str(folder / "mongo_failures")
+
+
+class SacredMetrics(L.Callback):
+    """Per-epoch metrics into the Sacred run (`log_scalar`), under the Lightning log names."""
+
+    def __init__(self, run):
+        self.run = run
+        self._losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_index) -> None:
+        self._losses.append(float(outputs["loss"]))
+
+    def on_train_epoch_end(self, trainer, module) -> None:
+        epoch = trainer.current_epoch
+        if self._losses:
+            self.run.log_scalar("train/loss", sum(self._losses) / len(self._losses), epoch)
+            self._losses.clear()
+        for group in trainer.optimizers[0].param_groups:
+            self.run.log_scalar(f"lr-AdamW/{group['name']}", group["lr"], epoch)
+
+    def _log_prefixed(self, trainer, prefix: str) -> None:
+        for name, value in trainer.callback_metrics.items():
+            if name.startswith(prefix):
+                self.run.log_scalar(name, float(value), trainer.current_epoch)
+
+    def on_validation_end(self, trainer, module) -> None:
+        if not trainer.sanity_checking:
+            self._log_prefixed(trainer, "val/")
+
+    def on_test_end(self, trainer, module) -> None:
+        self._log_prefixed(trainer, "test/")

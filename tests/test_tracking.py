@@ -1,0 +1,132 @@
+"""Run history through a real MongoDB wire-protocol server (mongod, else nx-27017) and W&B offline."""
+import json
+import os
+import pickle
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import gridfs
+import pymongo
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = ["with", "demo", "data_loader.n_workers=0", "data_loader.batch_size=8", "log_every_n_steps=1"]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_server(folder: Path, port: int) -> subprocess.Popen:
+    folder.mkdir(parents=True, exist_ok=True)
+    if shutil.which("mongod"):
+        command = ["mongod", "--dbpath", str(folder), "--port", str(port), "--bind_ip", "127.0.0.1"]
+    else:
+        command = [str(Path(sys.executable).with_name("nx-27017")), "--db", str(folder / "runs.db"), "-p", str(port),
+                   "--pid-file", str(folder / "server.pid")]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = pymongo.MongoClient(f"mongodb://127.0.0.1:{port}", serverSelectionTimeoutMS=500)
+    for _ in range(60):
+        try:
+            client.admin.command("ping")
+            return server
+        except pymongo.errors.PyMongoError:
+            time.sleep(0.25)
+    server.kill()
+    raise RuntimeError(f"{command[0]} did not start on port {port}")
+
+
+@pytest.fixture
+def mongo(tmp_path):
+    port = free_port()
+    server = start_server(tmp_path / "mongo", port)
+    yield server, port
+    if server.poll() is None:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=10)
+
+
+def experiment(data_dir: Path, *arguments: str, env: dict | None = None, wait: bool = True):
+    command = [sys.executable, "-m", "experiments.ex_dcase24", *arguments, f"directories.data_dir={data_dir}"]
+    environment = {**os.environ, "PYTHONPATH": str(REPO), "DATA_DIR": str(data_dir), **(env or {})}
+    if not wait:
+        return subprocess.Popen(command, cwd=REPO, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+    return subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=600)
+
+
+def test_run_history_in_mongodb_from_the_environment(data_dir, mongo):
+    _, port = mongo
+    completed = experiment(data_dir, *DEMO, "max_epochs=2", "seed=77", env={"DCASE24_MONGO": f"127.0.0.1:{port}:history"})
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    database = pymongo.MongoClient(f"mongodb://127.0.0.1:{port}")["history"]
+    (run,) = list(database.runs.find())
+    assert run["status"] == "COMPLETED"
+    assert set(run["result"]) == {"mAP@10", "R@1", "R@5", "R@10"}
+    assert run["config"]["seed"] == 77 and run["config"]["max_epochs"] == 2
+    assert "Result:" in run["captured_out"] or "test split" in run["captured_out"]
+    assert run["host"]["hostname"]
+    series = {metric["name"]: metric["values"] for metric in database.metrics.find({"run_id": run["_id"]})}
+    for name in ("train/loss", "val/mAP@10", "val/R@1", "lr-AdamW/audio_encoder"):
+        assert len(series[name]) == 2, name
+    assert len(series["test/mAP@10"]) == 1
+    assert Path(run["info"]["best_checkpoint"]).is_file()
+    (artifact,) = run["artifacts"]
+    stored = gridfs.GridFS(database).get(artifact["file_id"]).read()
+    assert stored == (Path(run["info"]["run_folder"]) / "lr_schedule.png").read_bytes()
+
+
+def test_server_down_at_start_fails_at_once_or_falls_back(data_dir):
+    port = free_port()
+    started = time.time()
+    completed = experiment(data_dir, "-m", f"127.0.0.1:{port}:history", *DEMO, "max_epochs=1")
+    assert completed.returncode != 0 and time.time() - started < 60
+    assert f"error: MongoDB at 127.0.0.1:{port} does not answer" in completed.stderr
+    assert not (data_dir / "runs").exists()
+    fallback = data_dir / "file_runs"
+    completed = experiment(data_dir, "-m", f"127.0.0.1:{port}:history", *DEMO, "max_epochs=1",
+                           env={"DCASE24_MONGO_FALLBACK": str(fallback)})
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert f"recording this run with a file observer in {fallback}" in completed.stderr
+    assert json.loads((fallback / "1" / "run.json").read_text())["status"] == "COMPLETED"
+
+
+def test_server_lost_mid_run_keeps_the_run(data_dir, mongo):
+    server, port = mongo
+    process = experiment(data_dir, "-m", f"127.0.0.1:{port}:history", *DEMO, "max_epochs=6", wait=False)
+    runs = pymongo.MongoClient(f"mongodb://127.0.0.1:{port}", serverSelectionTimeoutMS=2000)["history"].runs
+    deadline = time.time() + 120
+    while time.time() < deadline and runs.count_documents({"status": "RUNNING"}) == 0:
+        time.sleep(0.2)
+    server.kill()  # the server goes away while the run trains
+    server.wait()
+    _, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0, stderr[-3000:]
+    assert "saving to MongoDB failed! Stored experiment entry in" in stderr
+    (run_folder,) = (data_dir / "runs").glob("2*")
+    (pickled,) = (run_folder / "mongo_failures").glob("*.pickle")
+    record = pickle.loads(pickled.read_bytes())
+    assert record["status"] == "COMPLETED" and set(record["result"]) == {"mAP@10", "R@1", "R@5", "R@10"}
+    copy = json.loads(next((data_dir / "sacred_runs").glob("*/run.json")).read_text())
+    assert copy["status"] == "COMPLETED"
+    metrics = json.loads(next((data_dir / "sacred_runs").glob("*/metrics.json")).read_text())
+    assert len(metrics["val/mAP@10"]["values"]) == 6
+
+
+def test_wandb_offline_logs_metrics_and_config(data_dir):
+    completed = experiment(data_dir, *DEMO, "max_epochs=1", "use_wandb=True", "run_name=offline-test",
+                           env={"WANDB_MODE": "offline"})
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    (record,) = (data_dir / "runs").glob("*/wandb/offline-run-*/run-*.wandb")
+    content = record.read_bytes()
+    for key in (b"train/loss", b"val/mAP@10", b"test/mAP@10", b"lr-AdamW/audio_encoder", b"shared_representation_size",
+                b"offline-test"):
+        assert key in content, key
+    assert "wandb sync" in completed.stderr + completed.stdout
