@@ -13,9 +13,12 @@ import pytest
 import soundfile
 
 from data_loaders.clotho_v2 import check_audio_files, read_captions
+from data_loaders.download_clotho import MANIFEST, read_manifest
+from tests.conftest import SHARED
 
 REPO = Path(__file__).resolve().parents[1]
 SPLITS = ("development", "validation", "evaluation")
+PHI4 = SHARED / "data" / "clotho_captions_development_plus_phi_generated.csv"
 
 
 class Mirror:
@@ -82,6 +85,7 @@ def mirror(tmp_path):
             [header] + [f"{name},a,b,c,d,e" for name in names]).encode() + b"\n"
         files[f"clotho_metadata_{split}.csv"] = "\n".join(
             ["file_name,keywords"] + [f"{name},caf\xe9" for name in names]).encode("ISO-8859-1") + b"\n"
+    files[PHI4.name] = PHI4.read_bytes()  # the published captions, whose sum the repo's manifest holds
     manifest = tmp_path / "checksums.md5"
     manifest.write_text("".join(f"{hashlib.md5(body).hexdigest()}  {name}\n" for name, body in files.items()))
     server = Mirror(files)
@@ -89,11 +93,12 @@ def mirror(tmp_path):
     server.server.shutdown()
 
 
-def run_script(mirror_and_manifest, data_dir: Path) -> subprocess.CompletedProcess:
+def run_script(mirror_and_manifest, data_dir: Path, *extra: str) -> subprocess.CompletedProcess:
     server, manifest = mirror_and_manifest
-    env = {**os.environ, "CLOTHO_BASE_URL": server.url, "CLOTHO_CHECKSUMS": str(manifest), "PYTHONPATH": str(REPO)}
-    return subprocess.run(["bash", str(REPO / "scripts" / "download_clothov2.sh"), "--data-dir", str(data_dir)],
-                          env=env, capture_output=True, text=True, timeout=300)
+    env = {**os.environ, "CLOTHO_BASE_URL": server.url, "CLOTHO_CHECKSUMS": str(manifest), "PYTHONPATH": str(REPO),
+           "PHI4_CAPTIONS_URL": f"{server.url}/{PHI4.name}"}
+    return subprocess.run(["bash", str(REPO / "scripts" / "download_clothov2.sh"), "--data-dir", str(data_dir),
+                           *extra], env=env, capture_output=True, text=True, timeout=300)
 
 
 def test_clean_run_then_rerun_downloads_nothing(mirror, tmp_path):
@@ -135,6 +140,14 @@ def test_corrupted_file_is_fetched_again_not_extracted(mirror, tmp_path):
     assert server.downloads().count("clotho_audio_development.7z") == 2
     for split in SPLITS:
         assert sorted(p.name for p in (folder / split).iterdir()) == [f"{split} clip {i}.wav" for i in range(3)]
+
+
+def test_published_phi4_captions_come_with_their_checksum(mirror, tmp_path):
+    assert read_manifest(MANIFEST)[PHI4.name] == hashlib.md5(PHI4.read_bytes()).hexdigest()
+    completed = run_script(mirror, tmp_path, "--with-phi4-captions")
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert f"{PHI4.name}: downloaded" in completed.stdout
+    assert (tmp_path / "clotho_v2" / PHI4.name).read_bytes() == PHI4.read_bytes()
 
 
 def test_bad_manifest_line_is_named(mirror, tmp_path):

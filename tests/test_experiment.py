@@ -131,3 +131,17 @@ def test_make_train_recipe_says_the_gpu_is_missing(data_dir):
     assert (config["data_loader"]["batch_size"] * config["accumulate_grad_batches"], config["max_audio_seconds"],
             config["precision"], config["lr_audio_encoder"], config["gradient_clip_val"]) == (36, 12, "bf16-mixed",
                                                                                                3e-6, 1.0)
+
+
+def test_config_scopes_reach_the_captured_builders(data_dir):
+    from experiments.ex_dcase24 import build_audio_encoder, build_pooling
+
+    @ex.command(unobserved=True)
+    def built_components():
+        encoder, pooling = build_audio_encoder(), build_pooling()
+        return encoder.window_samples, encoder.hop_samples, type(pooling).__name__, pooling.weight_dropout.p
+
+    run = ex.run("built_components", named_configs=["demo"], options={"--loglevel": "ERROR"},
+                 config_updates={"audio_features": {"segment_length": 3, "hop_length": 1.5, "aggregate": "TAP"},
+                                 "tap_hyperparams": {"p_dropout_weights": 0.25}})
+    assert run.result == (3 * 32000, 48000, "TextAwareAttentionPooling", 0.25)
