@@ -15,6 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from data_loaders.demo_data import EVENTS, caption_for, write_text_model
@@ -34,7 +35,6 @@ CONFIGS = {
 
 
 def random_batch(batch_size: int, crop_seconds: float | None, generator: torch.Generator, device: str):
-    import numpy as np
     rng = np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=generator)))
     seconds = torch.empty(batch_size).uniform_(15, 30, generator=generator)
     if crop_seconds:
@@ -71,7 +71,6 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     autocast = torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.device == "cuda")
     with tempfile.TemporaryDirectory() as folder:
-        import numpy as np
         rng = np.random.default_rng(0)
         vocabulary = [caption_for(sorted(rng.choice(list(EVENTS), size=2, replace=False).tolist()), rng)
                       for _ in range(2000)]

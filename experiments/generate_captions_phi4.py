@@ -86,7 +86,8 @@ class Generator:
 
     def captions_for(self, prompt: str) -> list[str]:
         """Ask until the answer is valid, backing off after transport and server errors."""
-        for attempt in range(self.retries + 1):
+        attempt = 0
+        while True:
             try:
                 response = self.client.generate(model=self.model, prompt=prompt, options=self.options, stream=False)
                 return parse_answer(response.response, self.max_words)
@@ -95,7 +96,7 @@ class Generator:
                     raise
                 if not isinstance(error, InvalidAnswer):
                     time.sleep(self.backoff_seconds * 2 ** attempt)
-        raise AssertionError("unreachable")
+                attempt += 1
 
 
 def check_server(client: ollama.Client, host: str, model: str) -> None:
