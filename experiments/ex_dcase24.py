@@ -31,15 +31,15 @@ from utils.metrics import chance_metrics
 from utils.schedule import save_schedule_plot, validate_schedule
 
 ex = Experiment("dcase24", ingredients=[directories, clotho_v2, data_loader])
+TRAIN_SETS = ("clothov2",)
+DEMO_AUDIO_MODEL = "passt_small"
+DEMO_TEXT_MODEL = "clotho_demo/roberta-tiny"
+LEARNING_RATE_KEYS = ("lr_audio_encoder", "lr_audio_project", "lr_sentence_encoder", "lr_sentence_project", "lr_tap")
 
 
 @ex.option_hook
 def observers_from_options(options: dict) -> None:
     prepare_observer_options(ex, options)
-TRAIN_SETS = ("clothov2",)
-DEMO_AUDIO_MODEL = "passt_small"
-DEMO_TEXT_MODEL = "clotho_demo/roberta-tiny"
-LEARNING_RATE_KEYS = ("lr_audio_encoder", "lr_audio_project", "lr_sentence_encoder", "lr_sentence_project", "lr_tap")
 
 
 @ex.config
