@@ -23,7 +23,7 @@ from data_loaders.data_loader import data_loader, get_data_loader, get_dataset
 from experiments.retrieval_module import OptimisationSettings, RetrievalModule
 from experiments.tracking import SacredMetrics, prepare_observer_options, route_mongo_failures
 from models.audio.passt import PasstEncoder, check_model_name, pretrained_weights_path
-from models.pooling import AGGREGATIONS, MeanPooling, TextAwareAttentionPooling
+from models.pooling import AGGREGATIONS, MeanPooling, TextAwareAttentionPooling, check_tap_hyperparams
 from models.retrieval_model import RetrievalModel
 from models.text.transformer import TextEncoder, resolve_text_model, text_model_available
 from utils.directories import directories, get_data_dir
@@ -154,8 +154,8 @@ def lean_single_gpu():
 
 
 @ex.capture
-def check_config(audio_features: dict, sentence_features: dict, train_on: str, max_epochs: int,
-                 warmup_length: float, rampdown_start: float, rampdown_stop: float, rampdown_type: str,
+def check_config(audio_features: dict, sentence_features: dict, tap_hyperparams: dict, train_on: str,
+                 max_epochs: int, warmup_length: float, rampdown_start: float, rampdown_stop: float, rampdown_type: str,
                  min_lr: float, max_audio_seconds: float | None, clotho_v2: dict, data_loader: dict,
                  require_gpu: bool, _config: dict) -> None:
     """Every cheap check on the configuration, so bad input fails before models or data load."""
@@ -167,7 +167,8 @@ def check_config(audio_features: dict, sentence_features: dict, train_on: str, m
         raise ValueError(f"audio_features.aggregate={audio_features['aggregate']!r} is not one of "
                          f"{', '.join(AGGREGATIONS)}")
     if audio_features["aggregate"] == "TAP":
-        build_pooling()  # checks tap_hyperparams
+        check_tap_hyperparams(tap_hyperparams["dim"], tap_hyperparams["p_dropout_weights"],
+                              tap_hyperparams["p_dropout_proj"])
     for key in LEARNING_RATE_KEYS:
         if not _config[key] > 0:
             raise ValueError(f"{key}={_config[key]} must be positive")
@@ -304,9 +305,10 @@ def split_report(split: str, clotho_v2: dict) -> str:
     except (FileNotFoundError, ValueError) as error:
         return f"({clotho_split}) {error}"
     audio_folder = folder / clotho_split
-    missing = [clip.file_name for clip in clips if not (audio_folder / clip.file_name).is_file()]
+    found = {clip.file_name: (audio_folder / clip.file_name).is_file() for clip in clips}
+    present = [name for name, exists in found.items() if exists]
+    missing = [name for name, exists in found.items() if not exists]
     cache_path = folder / "audio_cache" / f"{clotho_split}.h5"
-    present = [clip.file_name for clip in clips if clip.file_name not in set(missing)]
     stale = stale_clips(cache_path, audio_folder, present, clotho_v2["sample_rate"])
     cache = "absent" if not cache_path.exists() else ("up to date" if not stale else f"{len(stale)} clips to decode")
     return (f"({clotho_split}) {len(clips)} clips, {sum(len(c.captions) for c in clips)} captions, "

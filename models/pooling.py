@@ -40,6 +40,15 @@ def block_size(total: int, bytes_per_item: int, memory_bytes: int) -> int:
     return max(1, min(total, memory_bytes // max(1, bytes_per_item)))
 
 
+def check_tap_hyperparams(dim: int, p_dropout_weights: float, p_dropout_proj: float) -> None:
+    """Raise ValueError naming the offending `tap_hyperparams` key."""
+    if dim < 1:
+        raise ValueError(f"tap_hyperparams.dim={dim} must be a positive integer")
+    for name, p in (("p_dropout_weights", p_dropout_weights), ("p_dropout_proj", p_dropout_proj)):
+        if not 0 <= p < 1:
+            raise ValueError(f"tap_hyperparams.{name}={p} must be in [0, 1)")
+
+
 class TextAwareAttentionPooling(nn.Module):
     """TAP (Xin, Yang, Zou): the caption queries the clip's windows, so each caption sees its own clip embedding.
 
@@ -51,11 +60,7 @@ class TextAwareAttentionPooling(nn.Module):
                  p_dropout_proj: float = 0.1, normalize: bool = True,
                  scoring_memory_bytes: int = SCORING_MEMORY_BYTES):
         super().__init__()
-        if dim < 1:
-            raise ValueError(f"tap_hyperparams.dim={dim} must be a positive integer")
-        for name, p in (("p_dropout_weights", p_dropout_weights), ("p_dropout_proj", p_dropout_proj)):
-            if not 0 <= p < 1:
-                raise ValueError(f"tap_hyperparams.{name}={p} must be in [0, 1)")
+        check_tap_hyperparams(dim, p_dropout_weights, p_dropout_proj)
         self.text_norm = nn.LayerNorm(shared_size)
         self.window_norm = nn.LayerNorm(shared_size)
         self.query = nn.Linear(shared_size, dim)
