@@ -145,3 +145,22 @@ def test_config_scopes_reach_the_captured_builders(data_dir):
                  config_updates={"audio_features": {"segment_length": 3, "hop_length": 1.5, "aggregate": "TAP"},
                                  "tap_hyperparams": {"p_dropout_weights": 0.25}})
     assert run.result == (3 * 32000, 48000, "TextAwareAttentionPooling", 0.25)
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_built_model_starts_in_the_mode_training_needs(data_dir, frozen):
+    # Lightning keeps each module's train/eval mode; from_pretrained hands RoBERTa over in eval mode.
+    from experiments.ex_dcase24 import build_model
+
+    @ex.command(unobserved=True)
+    def module_modes():
+        model = build_model()
+        return ({module.training for module in model.audio_encoder.modules()},
+                {module.training for module in model.text_encoder.modules()},
+                {module.training for module in model.pooling.modules()})
+
+    run = ex.run("module_modes", named_configs=["demo"], options={"--loglevel": "ERROR"},
+                 config_updates={"audio_features": {"model_config": {"frozen": frozen}},
+                                 "sentence_features": {"frozen": frozen},
+                                 "directories": {"data_dir": str(data_dir)}})
+    assert run.result == ({not frozen}, {not frozen}, {True})

@@ -123,6 +123,7 @@ class PasstEncoder(nn.Module):
         self.network = _build_passt(model, variant, self.window_samples, pretrained, s_patchout_t, s_patchout_f)
         if frozen:
             self.requires_grad_(False)
+        self.train()  # Lightning keeps each module's mode, so a frozen encoder must start in eval mode
 
     def train(self, mode: bool = True) -> "PasstEncoder":
         # A frozen encoder stays deterministic: no patchout, no spectrogram masking.

@@ -73,6 +73,9 @@ class TextEncoder(nn.Module):
         self.frozen = frozen
         if frozen:
             self.requires_grad_(False)
+        # from_pretrained returns the model in eval mode and Lightning does not switch modules to train
+        # mode, so without this RoBERTa's dropout would silently stay off during training.
+        self.train()
 
     def train(self, mode: bool = True) -> "TextEncoder":
         return super().train(mode and not self.frozen)
