@@ -28,6 +28,7 @@ from models.retrieval_model import RetrievalModel
 from models.text.transformer import TextEncoder, resolve_text_model, text_model_available
 from utils.directories import directories, get_data_dir
 from utils.metrics import chance_metrics
+from utils.paths import create_unique_folder
 from utils.schedule import save_schedule_plot, validate_schedule
 
 ex = Experiment("dcase24", ingredients=[directories, clotho_v2, data_loader])
@@ -248,9 +249,7 @@ def build_data_loaders(max_audio_seconds: float | None, data_loader: dict) -> di
 def run_folder(_run) -> Path:
     """A fresh folder per run below data_dir/runs for checkpoints and local logs."""
     run_id = _run._id if _run._id is not None else "local"
-    folder = get_data_dir() / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{run_id}"
-    folder.mkdir(parents=True, exist_ok=False)
-    return folder
+    return create_unique_folder(get_data_dir() / "runs", f"{time.strftime('%Y%m%d-%H%M%S')}-{run_id}")
 
 
 @ex.capture
