@@ -8,6 +8,7 @@ builders, which hand plain arguments to the model, dataset and schedule construc
 """
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -18,14 +19,17 @@ from lightning.pytorch.loggers import CSVLogger
 from sacred import Experiment
 
 from data_loaders.audio_cache import stale_clips
-from data_loaders.clotho_v2 import SPLITS, captions_csv, clotho_v2, read_captions
+from data_loaders.clotho_v2 import SPLITS, captions_csv, clotho_v2, load_split, read_captions
 from data_loaders.data_loader import data_loader, get_data_loader, get_dataset
 from experiments.retrieval_module import OptimisationSettings, RetrievalModule
 from experiments.tracking import SacredMetrics, prepare_observer_options, route_mongo_failures
 from models.audio.passt import PasstEncoder, check_model_name, pretrained_weights_path
-from models.pooling import AGGREGATIONS, MeanPooling, TextAwareAttentionPooling, check_tap_hyperparams
+from models.heads import TEXT_PROJECTIONS
+from models.losses import POSITIVE_WEIGHTINGS
+from models.pooling import (AGGREGATIONS, MeanPooling, OwnCaptionAttentionPooling, Pooling,
+                            TextAwareAttentionPooling, check_tap_hyperparams)
 from models.retrieval_model import RetrievalModel
-from models.text.transformer import TextEncoder, resolve_text_model, text_model_available
+from models.text.transformer import PUNCTUATION_MODES, TextEncoder, resolve_text_model, text_model_available
 from utils.directories import directories, get_data_dir
 from utils.metrics import chance_metrics
 from utils.paths import create_unique_folder
@@ -36,6 +40,8 @@ TRAIN_SETS = ("clothov2",)
 DEMO_AUDIO_MODEL = "passt_small"
 DEMO_TEXT_MODEL = "clotho_demo/roberta-tiny"
 LEARNING_RATE_KEYS = ("lr_audio_encoder", "lr_audio_project", "lr_sentence_encoder", "lr_sentence_project", "lr_tap")
+TEST_WEIGHTS = ("last", "best")
+POOLINGS = {"mean": MeanPooling, "TAP": TextAwareAttentionPooling, "TAP_own_caption": OwnCaptionAttentionPooling}
 
 
 @ex.option_hook
@@ -45,16 +51,18 @@ def observers_from_options(options: dict) -> None:
 
 @ex.config
 def default_config():
+    # Defaults are the behaviour of the code that published 30.16 / 31.91 / 32.45 (README, "Reproducing the
+    # published numbers"); every other behaviour is a named value of a key.
     audio_features = {
-        "model": "passt",  # passt: PaSST-S with AudioSet weights | passt_small: narrow, random init (CPU)
+        "model": "passt",  # passt: PaSST-S ap468, stride 16 | passt_s: ap486, stride 10 | passt_s_swa | passt_small
         "segment_length": 10,  # seconds of audio per encoder window
-        "hop_length": None,  # seconds between window starts; None: segment_length (no overlap)
-        "aggregate": "mean",  # how a caption sees a clip's windows
+        "hop_length": 10,  # seconds between window starts; None: segment_length
+        "aggregate": "mean",  # mean | TAP (each caption queries each clip) | TAP_own_caption (published protocol)
         "model_config": {
             "s_patchout_t": 15,  # structured patchout: time columns dropped in training
             "s_patchout_f": 2,  # structured patchout: frequency rows dropped in training
-            "freqm": 48,  # SpecAugment frequency mask width (mel bins), training only
-            "timem": 192,  # SpecAugment time mask width (frames), training only
+            "freqm": 0,  # SpecAugment frequency mask width (mel bins), training only; 0: off
+            "timem": 0,  # SpecAugment time mask width (frames), training only; 0: off
             "pretrained": True,  # download and load the AudioSet weights
             "frozen": False,  # keep the audio encoder fixed
         },
@@ -64,13 +72,17 @@ def default_config():
         "max_sentence_tokens": 32,
         "lowercase": True,
         "remove_punctuation": True,
+        "punctuation": "delete",  # delete: "nature's" -> "natures" (published) | space: "nature s"
+        "train_dropout": False,  # False: dropout off in training, as published | True: 0.2 hidden/attention dropout
+        "projection": "none",  # none: unprojected, as at the commits that report 30.16 | linear: salsa's Linear
         "frozen": False,
     }
     stand_in_models = False  # CPU stand-ins: passt -> passt_small, any text model -> the demo's tiny RoBERTa
-    tap_hyperparams = {  # text-aware attention pooling (audio_features.aggregate=TAP)
+    tap_hyperparams = {  # text-aware attention pooling (audio_features.aggregate=TAP or TAP_own_caption)
         "dim": 1024,  # width of the query/key/value projections
         "p_dropout_weights": 0.1,  # dropout on the attention weights (training only)
         "p_dropout_proj": 0.1,  # dropout on the pooled output (training only)
+        "shared_norm": True,  # one LayerNorm for caption, windows and output (published) | False: three
     }
     train_on = "clothov2"
     max_epochs = 20
@@ -86,10 +98,11 @@ def default_config():
     min_lr = 1e-7
     weight_decay = 0.0
     initial_tau = 0.05  # similarity temperature
-    freeze_tau = False
+    freeze_tau = True  # published: tau stays at initial_tau | False: learned
+    positive_weighting = "pair"  # pair: every positive pair weighs the same (published) | row: every caption/clip
     shared_representation_size = 1024
     normalize = True  # L2-normalise embeddings (cosine similarity)
-    precision = "bf16-mixed"  # Lightning precision: bf16-mixed | 16-mixed | 32
+    precision = "16-mixed"  # Lightning precision: 16-mixed (fp16 AMP, published) | bf16-mixed | 32
     accumulate_grad_batches = 1
     gradient_clip_val = None
     max_audio_seconds = None  # random training crop before the audio encoder (memory); None: whole clip
@@ -97,6 +110,7 @@ def default_config():
     devices = 1
     log_every_n_steps = 50
     monitor = "mAP@10"  # validation metric that picks the best checkpoint
+    test_weights = "last"  # last: the weights after the last epoch (published) | best: the best-validation checkpoint
     require_gpu = False  # stop before training if no CUDA GPU is visible
     use_wandb = False  # also stream metrics and config to Weights & Biases (WANDB_MODE=offline: local only)
     wandb_project = "dcase24-retrieval"
@@ -110,10 +124,9 @@ def default_config():
 @ex.named_config
 def demo():
     # The whole pipeline on 2 CPU cores in minutes, on `python -m data_loaders.demo_data` output.
-    audio_features = {"model": DEMO_AUDIO_MODEL, "segment_length": 5,
-                      "model_config": {"pretrained": False, "s_patchout_t": 0, "s_patchout_f": 0,
-                                       "freqm": 0, "timem": 0}}
-    sentence_features = {"model": DEMO_TEXT_MODEL}
+    audio_features = {"model": DEMO_AUDIO_MODEL, "segment_length": 5, "hop_length": 5,
+                      "model_config": {"pretrained": False, "s_patchout_t": 0, "s_patchout_f": 0}}
+    sentence_features = {"model": DEMO_TEXT_MODEL}  # hidden size 128 = shared_representation_size below
     stand_in_models = True  # so published commands with `demo` added run on a CPU
     clotho_v2 = {"folder_name": "clotho_demo"}
     data_loader = {"batch_size": 32, "batch_size_eval": 20, "n_workers": 1}
@@ -154,20 +167,37 @@ def lean_single_gpu():
     require_gpu = True
 
 
+def check_choice(key: str, value, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{key}={value!r} is not one of {', '.join(map(str, choices))}")
+
+
+def uses_cuda(accelerator: str) -> bool:
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+
+
 @ex.capture
 def check_config(audio_features: dict, sentence_features: dict, tap_hyperparams: dict, train_on: str,
                  max_epochs: int, warmup_length: float, rampdown_start: float, rampdown_stop: float, rampdown_type: str,
                  min_lr: float, max_audio_seconds: float | None, clotho_v2: dict, data_loader: dict,
-                 require_gpu: bool, _config: dict) -> None:
+                 require_gpu: bool, positive_weighting: str, test_weights: str, precision, accelerator: str,
+                 _config: dict) -> None:
     """Every cheap check on the configuration, so bad input fails before models or data load."""
     check_model_name(audio_features["model"])
     resolve_text_model(sentence_features["model"], get_data_dir())
-    if train_on not in TRAIN_SETS:
-        raise ValueError(f"train_on={train_on!r} is not one of {', '.join(TRAIN_SETS)}")
-    if audio_features["aggregate"] not in AGGREGATIONS:
-        raise ValueError(f"audio_features.aggregate={audio_features['aggregate']!r} is not one of "
-                         f"{', '.join(AGGREGATIONS)}")
-    if audio_features["aggregate"] == "TAP":
+    check_choice("train_on", train_on, TRAIN_SETS)
+    check_choice("audio_features.aggregate", audio_features["aggregate"], AGGREGATIONS)
+    check_choice("sentence_features.punctuation", sentence_features["punctuation"], PUNCTUATION_MODES)
+    check_choice("sentence_features.projection", sentence_features["projection"], TEXT_PROJECTIONS)
+    check_choice("positive_weighting", positive_weighting, POSITIVE_WEIGHTINGS)
+    check_choice("test_weights", test_weights, TEST_WEIGHTS)
+    if audio_features["hop_length"] is not None and not audio_features["hop_length"] > 0:
+        raise ValueError(f"audio_features.hop_length={audio_features['hop_length']} must be > 0 seconds "
+                         f"(or None for the same as segment_length)")
+    if str(precision).startswith("16") and not uses_cuda(accelerator):
+        raise ValueError(f"precision={precision!r} (fp16 AMP, the published setting) needs a CUDA GPU, and "
+                         f"accelerator={accelerator!r} runs on the CPU here: set precision=32 or bf16-mixed")
+    if audio_features["aggregate"] != "mean":
         check_tap_hyperparams(tap_hyperparams["dim"], tap_hyperparams["p_dropout_weights"],
                               tap_hyperparams["p_dropout_proj"])
     for key in LEARNING_RATE_KEYS:
@@ -192,12 +222,14 @@ def check_config(audio_features: dict, sentence_features: dict, tap_hyperparams:
 @ex.capture
 def build_audio_encoder(audio_features: dict, stand_in_models: bool) -> PasstEncoder:
     config = audio_features["model_config"]
+    hop_seconds = audio_features["hop_length"]
     return PasstEncoder(model=DEMO_AUDIO_MODEL if stand_in_models else audio_features["model"],
                         window_seconds=audio_features["segment_length"],
-                        hop_seconds=audio_features["hop_length"] or audio_features["segment_length"],
+                        hop_seconds=audio_features["segment_length"] if hop_seconds is None else hop_seconds,
                         pretrained=config["pretrained"] and not stand_in_models, s_patchout_t=config["s_patchout_t"],
                         s_patchout_f=config["s_patchout_f"], freqm=config["freqm"], timem=config["timem"],
-                        frozen=config["frozen"])
+                        frozen=config["frozen"],
+                        embed_padding_windows=POOLINGS[audio_features["aggregate"]].uses_padding_windows)
 
 
 @ex.capture
@@ -207,24 +239,28 @@ def build_text_encoder(sentence_features: dict, stand_in_models: bool) -> TextEn
                        max_sentence_tokens=sentence_features["max_sentence_tokens"],
                        lowercase=sentence_features["lowercase"],
                        remove_punctuation=sentence_features["remove_punctuation"],
-                       frozen=sentence_features["frozen"])
+                       punctuation=sentence_features["punctuation"], frozen=sentence_features["frozen"],
+                       train_dropout=sentence_features["train_dropout"])
 
 
 @ex.capture
 def build_pooling(audio_features: dict, tap_hyperparams: dict, shared_representation_size: int,
-                  normalize: bool) -> torch.nn.Module:
-    if audio_features["aggregate"] == "TAP":
-        return TextAwareAttentionPooling(shared_representation_size, dim=tap_hyperparams["dim"],
-                                         p_dropout_weights=tap_hyperparams["p_dropout_weights"],
-                                         p_dropout_proj=tap_hyperparams["p_dropout_proj"], normalize=normalize)
-    return MeanPooling(normalize=normalize)
+                  normalize: bool) -> Pooling:
+    pooling = POOLINGS[audio_features["aggregate"]]
+    if pooling is MeanPooling:
+        return MeanPooling(normalize=normalize)
+    return pooling(shared_representation_size, dim=tap_hyperparams["dim"],
+                   p_dropout_weights=tap_hyperparams["p_dropout_weights"],
+                   p_dropout_proj=tap_hyperparams["p_dropout_proj"], normalize=normalize,
+                   shared_norm=tap_hyperparams["shared_norm"])
 
 
 @ex.capture
-def build_model(shared_representation_size: int, normalize: bool, initial_tau: float,
+def build_model(shared_representation_size: int, sentence_features: dict, initial_tau: float,
                 freeze_tau: bool) -> RetrievalModel:
     return RetrievalModel(build_audio_encoder(), build_text_encoder(), build_pooling(), shared_representation_size,
-                          normalize=normalize, initial_tau=initial_tau, freeze_tau=freeze_tau)
+                          text_projection=sentence_features["projection"], initial_tau=initial_tau,
+                          freeze_tau=freeze_tau)
 
 
 @ex.capture
@@ -281,7 +317,7 @@ def build_trainer(folder: Path, max_epochs: int, precision, accumulate_grad_batc
 @ex.capture
 def plot_schedule(path: Path, audio_features: dict, min_lr: float, warmup_length: float, rampdown_start: float,
                   rampdown_stop: float, rampdown_type: str, max_epochs: int, _config: dict) -> Path:
-    groups = [key for key in LEARNING_RATE_KEYS if key != "lr_tap" or audio_features["aggregate"] == "TAP"]
+    groups = [key for key in LEARNING_RATE_KEYS if key != "lr_tap" or audio_features["aggregate"] != "mean"]
     save_schedule_plot({key.removeprefix("lr_"): _config[key] for key in groups}, min_lr, warmup_length,
                        rampdown_start, rampdown_stop, rampdown_type, max_epochs, path)
     return path
@@ -314,18 +350,36 @@ def split_report(split: str, clotho_v2: dict) -> str:
             f"{len(missing)} audio files missing{' e.g. ' + repr(missing[0]) if missing else ''}; cache {cache}")
 
 
-@ex.command
-def cmd_check_setup(audio_features: dict, sentence_features: dict, stand_in_models: bool, _run) -> dict:
-    """What the current config needs and what is in place: data, caches, weights, GPU, observers."""
-    report = {split: split_report(split) for split in SPLITS}
+@ex.capture
+def weights_report(audio_features: dict, sentence_features: dict, stand_in_models: bool) -> dict[str, tuple[str, bool]]:
+    """Per kind of weights: a one-line state, and whether they are missing from their local cache."""
     audio_model = DEMO_AUDIO_MODEL if stand_in_models else audio_features["model"]
     weights = pretrained_weights_path(audio_model)
     if weights is None or not audio_features["model_config"]["pretrained"]:
-        report["audio weights"] = f"{audio_model}: random init, nothing to fetch"
+        audio = (f"{audio_model}: random init, nothing to fetch", False)
     else:
-        report["audio weights"] = f"{audio_model}: {'found' if weights.is_file() else 'MISSING'} at {weights}"
+        audio = (f"{audio_model}: {'found' if weights.is_file() else 'MISSING'} at {weights}", not weights.is_file())
     text_model = resolve_text_model(DEMO_TEXT_MODEL if stand_in_models else sentence_features["model"], get_data_dir())
-    report["text weights"] = f"{text_model}: {'available' if text_model_available(text_model) else 'MISSING (not in $HF_HOME)'}"
+    text_missing = not text_model_available(text_model)
+    text = (f"{text_model}: {'MISSING (not in $HF_HOME)' if text_missing else 'available'}", text_missing)
+    return {"audio weights": audio, "text weights": text}
+
+
+def check_weights() -> None:
+    """Offline (HF_HUB_OFFLINE=1), weights missing from their caches stop the run before any model is built."""
+    missing = [f"{kind} {line}" for kind, (line, is_missing) in weights_report().items() if is_missing]
+    if missing and os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise RuntimeError(f"offline (HF_HUB_OFFLINE=1) and not cached: {'; '.join(missing)}. Fetch them once on a "
+                           f"machine with internet (README, 'Pretrained weights')")
+    for line in missing:
+        print(f"{line}: downloading on first use")
+
+
+@ex.command
+def cmd_check_setup(_run) -> dict:
+    """What the current config needs and what is in place: data, caches, weights, GPU, observers."""
+    report = {split: split_report(split) for split in SPLITS}
+    report.update({kind: line for kind, (line, _) in weights_report().items()})
     report["GPU"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "none (CPU only)"
     report["observers"] = ", ".join(type(observer).__name__ for observer in _run.observers) or "none"
     for key, line in report.items():
@@ -334,31 +388,51 @@ def cmd_check_setup(audio_features: dict, sentence_features: dict, stand_in_mode
 
 
 @ex.main
-def train_and_evaluate(load_parameters: str | None, resume_training: str | None, seed: int,
-                       _run) -> dict[str, float]:
-    """Trains, picks the best epoch on the validation split, returns its test-split metrics."""
+def test_weights_of(trainer: L.Trainer, module: RetrievalModule, loader, checkpoint: str,
+                    prefix: str) -> dict[str, float]:
+    """Test-split metrics of one checkpoint's weights, logged under `prefix`."""
+    module.test_prefix = prefix
+    (tested,) = trainer.test(module, loader, ckpt_path=checkpoint, weights_only=False)
+    return {key.removeprefix(f"{prefix}/"): value for key, value in tested.items()}
+
+
+@ex.main
+def train_and_evaluate(load_parameters: str | None, resume_training: str | None, seed: int, test_weights: str,
+                       positive_weighting: str, _run) -> dict[str, float]:
+    """Trains, then tests the weights `test_weights` selects (and logs the other's metrics as test_<other>/*).
+
+    Checks run in the order that costs least when they fail: config, data files, weights, then models.
+    """
     check_config()
+    for split in SPLITS:
+        load_split(split)
+    check_weights()
     L.seed_everything(seed, workers=True)
     model = build_model()
     if load_parameters:
         state = torch.load(load_parameters, map_location="cpu", weights_only=False)["state_dict"]
         model.load_state_dict({key.removeprefix("model."): value for key, value in state.items()})
     loaders = build_data_loaders()
-    module = RetrievalModule(model, build_optimisation())
+    module = RetrievalModule(model, build_optimisation(), positive_weighting)
     folder = run_folder()
     route_mongo_failures(_run, folder)
     _run.info["run_folder"] = str(folder)
     ex.add_artifact(str(plot_schedule(folder / "lr_schedule.png")))
     trainer = build_trainer(folder)
     trainer.fit(module, loaders["train"], loaders["val"], ckpt_path=resume_training)
-    best = trainer.checkpoint_callback.best_model_path or None
-    _run.info["best_checkpoint"] = best
-    print(f"best checkpoint: {best}")
-    (tested,) = trainer.test(module, loaders["test"], ckpt_path=best, weights_only=False)
-    result = {key.removeprefix("test/"): value for key, value in tested.items()}
+    checkpoints = {"last": trainer.checkpoint_callback.last_model_path,
+                   "best": trainer.checkpoint_callback.best_model_path}
+    _run.info["best_checkpoint"] = checkpoints["best"]
+    print(f"best checkpoint: {checkpoints['best']}")
     chance = chance_metrics(len(loaders["test"].dataset))
-    print("test split: " + ", ".join(f"{name} {result[name]:.4f} (chance {chance[name]:.4f})" for name in chance))
-    return result
+    other = next(name for name in TEST_WEIGHTS if name != test_weights)
+    results = {}
+    for name, prefix in ((test_weights, "test"), (other, f"test_{other}")):
+        results[name] = test_weights_of(trainer, module, loaders["test"], checkpoints[name], prefix)
+        print(f"test split, {name} weights ({prefix}/*): "
+              + ", ".join(f"{metric} {results[name][metric]:.4f} (chance {chance[metric]:.4f})" for metric in chance))
+    _run.info[f"test_{other}"] = results[other]
+    return results[test_weights]
 
 
 if __name__ == "__main__":

@@ -30,10 +30,12 @@ class OptimisationSettings:
 
 
 class RetrievalModule(L.LightningModule):
-    def __init__(self, model: RetrievalModel, optimisation: OptimisationSettings):
+    def __init__(self, model: RetrievalModel, optimisation: OptimisationSettings, positive_weighting: str = "pair"):
         super().__init__()
         self.model = model
         self.optimisation = optimisation
+        self.positive_weighting = positive_weighting
+        self.test_prefix = "test"  # the metrics' prefix of the next test run (e.g. test_best for a second one)
         self._evaluation: list[dict[str, torch.Tensor]] = []
 
     def parameter_groups(self) -> list[dict]:
@@ -71,7 +73,8 @@ class RetrievalModule(L.LightningModule):
     def training_step(self, batch: dict, batch_index: int) -> torch.Tensor:
         windows, mask = self.model.encode_audio(batch["audio"], batch["audio_length"])
         text = self.model.encode_text(batch["caption"])
-        loss = multi_positive_contrastive_loss(self.model.score(text, windows, mask), batch["clip_index"])
+        loss = multi_positive_contrastive_loss(self.model.score(text, windows, mask), batch["clip_index"],
+                                               self.positive_weighting)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["caption"]))
         self.log("train/tau", self.model.tau.detach(), batch_size=len(batch["caption"]))
         return loss
@@ -91,8 +94,9 @@ class RetrievalModule(L.LightningModule):
         self._evaluation.clear()
         position = torch.empty_like(collected["clip_index"])
         position[collected["clip_index"]] = torch.arange(len(position), device=position.device)
-        scores = self.model.pooling.score(collected["text"], collected["windows"], collected["mask"])
-        metrics = retrieval_metrics(scores, position[collected["caption_clip"]])
+        caption_rows = position[collected["caption_clip"]]
+        scores = self.model.pooling.rank_split(collected["text"], collected["windows"], collected["mask"], caption_rows)
+        metrics = retrieval_metrics(scores, caption_rows)
         for name, value in metrics.items():
             self.log(f"{prefix}/{name}", value, prog_bar=name == "mAP@10")
         return metrics
@@ -107,4 +111,4 @@ class RetrievalModule(L.LightningModule):
         self._evaluation_step(batch)
 
     def on_test_epoch_end(self) -> None:
-        self._evaluation_end("test")
+        self._evaluation_end(self.test_prefix)

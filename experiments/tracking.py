@@ -106,4 +106,4 @@ class SacredMetrics(L.Callback):
             self._log_prefixed(trainer, "val/")
 
     def on_test_end(self, trainer, module) -> None:
-        self._log_prefixed(trainer, "test/")
+        self._log_prefixed(trainer, f"{module.test_prefix}/")

@@ -4,23 +4,34 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+POSITIVE_WEIGHTINGS = ("pair", "row")
+
 
 def positive_mask(clip_ids: torch.Tensor) -> torch.Tensor:
     """(batch, batch) boolean: True where caption i and audio j come from the same clip."""
     return clip_ids.unsqueeze(1) == clip_ids.unsqueeze(0)
 
 
-def multi_positive_contrastive_loss(scores: torch.Tensor, clip_ids: torch.Tensor) -> torch.Tensor:
+def multi_positive_contrastive_loss(scores: torch.Tensor, clip_ids: torch.Tensor,
+                                    weighting: str = "pair") -> torch.Tensor:
     """Symmetric cross-entropy with every same-clip pair as a positive.
 
-    scores: (captions, audios) logits for a batch where caption i was drawn with audio i;
-    clip_ids: (batch,). Each row (and column) is a soft-target cross-entropy whose target spreads
-    uniformly over its positives, so a batch holding two captions of one clip does not push them apart.
+    scores: (captions, audios) logits for a batch where caption i was drawn with audio i; clip_ids: (batch,).
+    Both directions take log-softmaxes (over clips per caption, over captions per clip) at the positives:
+    - `pair` (published): the mean over all positive pairs, so a clip drawn k times weighs k^2;
+    - `row`: each caption's (each clip's) target spreads uniformly over its positives, every row weighs the same.
+    Without repeated clips in the batch both are the usual symmetric InfoNCE.
     """
     if scores.shape[0] != scores.shape[1] or scores.shape[0] != clip_ids.shape[0]:
         raise ValueError(f"scores {tuple(scores.shape)} must be square and match clip_ids {tuple(clip_ids.shape)}")
     positives = positive_mask(clip_ids).to(scores.dtype)
-    targets = positives / positives.sum(dim=1, keepdim=True)
-    text_to_audio = -(targets * F.log_softmax(scores, dim=1)).sum(dim=1).mean()
-    audio_to_text = -(targets * F.log_softmax(scores.t(), dim=1)).sum(dim=1).mean()
-    return 0.5 * (text_to_audio + audio_to_text)
+    if weighting == "pair":
+        caption_weights = clip_weights = positives / positives.sum()
+    elif weighting == "row":
+        caption_weights = positives / positives.sum(dim=1, keepdim=True) / len(positives)
+        clip_weights = positives / positives.sum(dim=0, keepdim=True) / len(positives)
+    else:
+        raise ValueError(f"positive_weighting={weighting!r} is not one of {', '.join(POSITIVE_WEIGHTINGS)}")
+    text_to_audio = (caption_weights * F.log_softmax(scores, dim=1)).sum()
+    audio_to_text = (clip_weights * F.log_softmax(scores, dim=0)).sum()
+    return -0.5 * (text_to_audio + audio_to_text)

@@ -1,7 +1,10 @@
 """Pooling a clip's window sequence into one embedding, and scoring captions against clips.
 
-`score(text, windows, mask)` is the one interface: (captions, dim), (clips, windows, dim) and
-(clips, windows) in, (captions, clips) similarities out.
+`score(text, windows, mask)` is the one interface: projected captions (captions, dim), projected
+windows (clips, windows, dim) and their mask (clips, windows) in, (captions, clips) similarities out.
+Text arrives unnormalised (TAP queries with it, as published) and each pooling L2-normalises both sides
+when `normalize`. `rank_split` scores a whole evaluation split; only the published own-caption protocol
+needs to know there which caption belongs to which clip.
 """
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-AGGREGATIONS = ("mean", "TAP")
+AGGREGATIONS = ("mean", "TAP", "TAP_own_caption")
 SCORING_MEMORY_BYTES = 256 * 2**20  # working memory one block of the full-split scorer may use
 
 
@@ -20,19 +23,35 @@ def masked_mean(windows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (windows * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
 
 
-class MeanPooling(nn.Module):
-    """Caption-independent pooling: every caption sees the same clip embedding."""
+class Pooling(nn.Module):
+    """What every pooling shares: optional L2 normalisation, and split ranking through `score`."""
+
+    uses_padding_windows = False  # True: the audio encoder must embed windows that hold only padding
 
     def __init__(self, normalize: bool = True):
         super().__init__()
         self.normalize = normalize
 
-    def forward(self, windows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        pooled = masked_mean(windows, mask)
-        return nn.functional.normalize(pooled, dim=-1) if self.normalize else pooled
+    def normalized(self, embeddings: torch.Tensor) -> torch.Tensor:
+        return nn.functional.normalize(embeddings, dim=-1) if self.normalize else embeddings
 
     def score(self, text: torch.Tensor, windows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return text @ self(windows, mask).t()
+        raise NotImplementedError
+
+    def rank_split(self, text: torch.Tensor, windows: torch.Tensor, mask: torch.Tensor,
+                   caption_clip: torch.Tensor) -> torch.Tensor:
+        """Every caption of a split against every clip; caption_clip: (captions,) ground-truth clip rows."""
+        return self.score(text, windows, mask)
+
+
+class MeanPooling(Pooling):
+    """Caption-independent pooling: every caption sees the same clip embedding."""
+
+    def forward(self, windows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.normalized(masked_mean(windows, mask))
+
+    def score(self, text: torch.Tensor, windows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.normalized(text) @ self(windows, mask).t()
 
 
 def block_size(total: int, bytes_per_item: int, memory_bytes: int) -> int:
@@ -49,28 +68,28 @@ def check_tap_hyperparams(dim: int, p_dropout_weights: float, p_dropout_proj: fl
             raise ValueError(f"tap_hyperparams.{name}={p} must be in [0, 1)")
 
 
-class TextAwareAttentionPooling(nn.Module):
+class TextAwareAttentionPooling(Pooling):
     """TAP (Xin, Yang, Zou): the caption queries the clip's windows, so each caption sees its own clip embedding.
 
     query = Wq LN(text), keys/values = Wk/Wv LN(windows), softmax over unpadded windows (attention-weight
     dropout), then Wo back to the shared width, LayerNorm, dropout and, if `normalize`, L2 normalisation.
+    With `shared_norm` (published) the three LayerNorms are one module; otherwise each has its own.
     """
 
     def __init__(self, shared_size: int, dim: int = 1024, p_dropout_weights: float = 0.1,
-                 p_dropout_proj: float = 0.1, normalize: bool = True,
+                 p_dropout_proj: float = 0.1, normalize: bool = True, shared_norm: bool = True,
                  scoring_memory_bytes: int = SCORING_MEMORY_BYTES):
-        super().__init__()
+        super().__init__(normalize)
         check_tap_hyperparams(dim, p_dropout_weights, p_dropout_proj)
-        self.text_norm = nn.LayerNorm(shared_size)
-        self.window_norm = nn.LayerNorm(shared_size)
+        self.output_norm = nn.LayerNorm(shared_size)
+        self.text_norm = self.output_norm if shared_norm else nn.LayerNorm(shared_size)
+        self.window_norm = self.output_norm if shared_norm else nn.LayerNorm(shared_size)
         self.query = nn.Linear(shared_size, dim)
         self.key = nn.Linear(shared_size, dim)
         self.value = nn.Linear(shared_size, dim)
         self.output = nn.Linear(dim, shared_size)
-        self.output_norm = nn.LayerNorm(shared_size)
         self.weight_dropout = nn.Dropout(p_dropout_weights)
         self.output_dropout = nn.Dropout(p_dropout_proj)
-        self.normalize = normalize
         self.scoring_memory_bytes = scoring_memory_bytes
 
     def attention(self, text: torch.Tensor, windows: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,10 +107,11 @@ class TextAwareAttentionPooling(nn.Module):
         """Each clip's embedding as seen by each caption: (captions, clips, shared)."""
         weights, projected = self.attention(text, windows, mask)
         pooled = self.output_dropout(self.output_norm(torch.einsum("caw,awd->cad", weights, projected)))
-        return nn.functional.normalize(pooled, dim=-1) if self.normalize else pooled
+        return self.normalized(pooled)
 
     def _score_closed_form(self, text: torch.Tensor, windows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """forward(...) · text without materialising (captions, clips, shared): exact when dropout is off.
+        """forward(...) · normalized(text) without materialising (captions, clips, shared): exact when dropout
+        is off.
 
         With x = sum_w a_w u_w (u_w: projected windows), LayerNorm and the norm of its output need only
         a·(u_w · g), a's mean of u_w, and the Gram forms a^T (u u^T) a, so everything of width `shared`
@@ -100,6 +120,7 @@ class TextAwareAttentionPooling(nn.Module):
         weights, projected = self.attention(text, windows, mask)
         gamma, beta, eps = self.output_norm.weight, self.output_norm.bias, self.output_norm.eps
         width = projected.shape[-1]
+        text = self.normalized(text)
 
         def pooled_dot(vectors: torch.Tensor) -> torch.Tensor:  # (c, d) -> x · vectors[c]: (c, a)
             return (weights * torch.einsum("cd,awd->caw", vectors, projected)).sum(-1)
@@ -140,8 +161,44 @@ class TextAwareAttentionPooling(nn.Module):
             for first_clip in range(0, clips, clip_block):
                 block = slice(first_clip, first_clip + clip_block)
                 if materialise:
-                    row.append((self(captions, windows[block], mask[block]) * captions.unsqueeze(1)).sum(-1))
+                    pooled = self(captions, windows[block], mask[block])
+                    row.append((pooled * self.normalized(captions).unsqueeze(1)).sum(-1))
                 else:
                     row.append(self._score_closed_form(captions, windows[block], mask[block]))
             rows.append(torch.cat(row, dim=1))
         return torch.cat(rows, dim=0)
+
+
+class OwnCaptionAttentionPooling(TextAwareAttentionPooling):
+    """The TAP protocol of the published 31.91 / 32.45 runs, kept to reproduce and measure them.
+
+    Each clip is pooled once, by one caption, over all of its windows (no mask: padding windows, embedded
+    from silence, take part), and every caption is scored against that one embedding by a dot product.
+    In training the pooling caption is the sample's own (clip i with caption i); in split ranking it is the
+    clip's first ground-truth caption, so evaluation sees one true caption of every clip: a leak.
+    """
+
+    uses_padding_windows = True
+
+    def pool(self, pooling_text: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
+        """Clip i pooled by pooling_text[i]: (clips, dim), (clips, windows, dim) -> (clips, dim)."""
+        query = self.query(self.text_norm(pooling_text))
+        normed = self.window_norm(windows)
+        logits = torch.einsum("ad,awd->aw", query, self.key(normed)) / math.sqrt(query.shape[-1])
+        weights = self.weight_dropout(logits.softmax(dim=-1))
+        pooled = self.output(torch.einsum("aw,awd->ad", weights, self.value(normed)))
+        return self.normalized(self.output_dropout(self.output_norm(pooled)))
+
+    def score(self, text: torch.Tensor, windows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Training batch: caption i was drawn with clip i, and pools it."""
+        if len(text) != len(windows):
+            raise ValueError(f"own-caption pooling needs one caption per clip, got {len(text)} and {len(windows)}")
+        return self.normalized(text) @ self.pool(text, windows).t()
+
+    def rank_split(self, text: torch.Tensor, windows: torch.Tensor, mask: torch.Tensor,
+                   caption_clip: torch.Tensor) -> torch.Tensor:
+        first_caption = torch.full((len(windows),), len(text), dtype=torch.long, device=text.device)
+        first_caption.scatter_reduce_(0, caption_clip, torch.arange(len(text), device=text.device), reduce="amin")
+        if bool((first_caption == len(text)).any()):
+            raise ValueError("own-caption pooling: a clip of the split has no caption")
+        return self.normalized(text) @ self.pool(text[first_caption], windows).t()

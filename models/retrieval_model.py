@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.heads import ProjectionHead
+from models.heads import projection_head
 
 
 class RetrievalModel(nn.Module):
@@ -15,15 +15,15 @@ class RetrievalModel(nn.Module):
     """
 
     def __init__(self, audio_encoder: nn.Module, text_encoder: nn.Module, pooling: nn.Module,
-                 shared_representation_size: int, normalize: bool = True, initial_tau: float = 0.05,
+                 shared_representation_size: int, text_projection: str = "linear", initial_tau: float = 0.05,
                  freeze_tau: bool = False):
         super().__init__()
         if initial_tau <= 0:
             raise ValueError(f"initial_tau={initial_tau} must be positive")
         self.audio_encoder = audio_encoder
         self.text_encoder = text_encoder
-        self.audio_projection = ProjectionHead(audio_encoder.output_size, shared_representation_size, normalize=False)
-        self.text_projection = ProjectionHead(text_encoder.output_size, shared_representation_size, normalize)
+        self.audio_projection = projection_head(audio_encoder.output_size, shared_representation_size)
+        self.text_projection = projection_head(text_encoder.output_size, shared_representation_size, text_projection)
         self.pooling = pooling
         self.tau = nn.Parameter(torch.tensor(float(initial_tau)), requires_grad=not freeze_tau)
 

@@ -52,8 +52,46 @@ def test_encoder_skips_padding_and_matches_window_by_window(small_encoder):
     torch.testing.assert_close(sequence[1, 1], direct[0], atol=1e-5, rtol=1e-4)
 
 
+def test_padding_windows_are_embedded_when_the_pooling_attends_to_them():
+    torch.manual_seed(0)
+    encoder = PasstEncoder("passt_small", window_seconds=2, hop_seconds=2, pretrained=False,
+                           embed_padding_windows=True).eval()
+    audio = torch.zeros(1, 6 * 32000)
+    audio[0, :32000] = torch.randn(32000) * 0.1
+    with torch.no_grad():
+        sequence, mask = encoder(audio, torch.tensor([32000]))
+        silence = encoder.embed_windows(torch.zeros(1, 2 * 32000))
+    assert mask.tolist() == [[True, False, False]]  # the mask still says which windows hold audio
+    torch.testing.assert_close(sequence[0, 2], silence[0], atol=1e-5, rtol=1e-4)
+    assert sequence[0, 2].abs().sum() > 0
+
+
+@pytest.mark.parametrize("model, arch, stride, input_frames, tokens", [
+    ("passt", "passt_s_p16_s16_128_ap468", 16, 1000, (8, 62)),
+    ("passt_s", "passt_s_kd_p16_128_ap486", 10, 998, (12, 99)),
+    ("passt_s_swa", "passt_s_swa_p16_128_ap476", 10, 998, (12, 99)),
+])
+def test_published_names_build_their_published_checkpoints_and_strides(model, arch, stride, input_frames, tokens,
+                                                                        monkeypatch):
+    from hear21passt.models import passt as hear21passt_models
+    requested = {}
+    original = hear21passt_models.get_model
+
+    def spy(**settings):
+        requested.update(settings)
+        return original(**{**settings, "pretrained": False})  # no download here; the call is what is checked
+
+    monkeypatch.setattr(hear21passt_models, "get_model", spy)
+    encoder = PasstEncoder(model, window_seconds=10, pretrained=True)
+    assert (requested["arch"], requested["fstride"], requested["tstride"], requested["input_tdim"],
+            requested["pretrained"]) == (arch, stride, stride, input_frames, True)
+    assert encoder.network.patch_embed.proj.stride == (stride, stride)
+    grid = (encoder.network.freq_new_pos_embed.shape[2], encoder.network.time_new_pos_embed.shape[3])
+    assert grid == tokens  # stride 16: 496 tokens per 10 s window, stride 10: 1188 (2.4x)
+
+
 def test_unknown_model_and_window_too_long_for_weights():
-    with pytest.raises(ValueError, match="choices: passt, passt_small"):
+    with pytest.raises(ValueError, match="choices: passt, passt_s, passt_s_swa, passt_small"):
         PasstEncoder("cnn14")
     with pytest.raises(ValueError, match=r"segment_length=12 s must be in \(0, 10.0\]"):
         PasstEncoder("passt", window_seconds=12, pretrained=False)
@@ -65,7 +103,7 @@ def test_published_passt_architecture_builds_with_random_weights():
     encoder = PasstEncoder("passt", window_seconds=10, pretrained=False, s_patchout_t=15, s_patchout_f=2)
     assert encoder.output_size == 768
     assert sum(p.numel() for p in encoder.parameters()) > 85_000_000
-    assert encoder.network.time_new_pos_embed.shape[-1] == 99  # 10 s windows fit the AudioSet positions
+    assert encoder.network.time_new_pos_embed.shape[-1] == 62  # 10 s windows fit the AudioSet positions (stride 16)
     assert mel_frames(10 * 32000) == 1000
 
 

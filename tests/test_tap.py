@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.pooling import TextAwareAttentionPooling
+from models.pooling import OwnCaptionAttentionPooling, TextAwareAttentionPooling
 
 
 def make_inputs(captions=7, clips=5, windows=4, width=16, seed=0):
@@ -90,3 +90,78 @@ def test_training_scores_use_dropout_and_keep_gradients():
 def test_bad_hyperparameters(kwargs, message):
     with pytest.raises(ValueError, match=message):
         TextAwareAttentionPooling(16, **kwargs)
+
+
+def published_tap(tap, x_audio, x_text, attn_mask=None):
+    """The published TextAwareAttentionPooling.forward (eval), transcribed: one LayerNorm for all three uses."""
+    norm = tap.output_norm
+    q_t = tap.query(norm(x_text))
+    k_a = tap.key(norm(x_audio))
+    v_a = tap.value(norm(x_audio))
+    return norm(tap.output(F.scaled_dot_product_attention(q_t, k_a, v_a, attn_mask=attn_mask)))
+
+
+def test_shared_norm_tap_equals_the_published_formula_on_padded_windows():
+    tap = make_tap()  # shared_norm=True: make_tap's random affine parameters land on the one LayerNorm
+    assert tap.text_norm is tap.window_norm is tap.output_norm
+    text, windows, mask = make_inputs()
+    text = text * 3.0  # unnormalised, as the projection hands it over
+    windows = windows + 5.0 * (~mask).unsqueeze(-1)  # garbage in padding must not matter
+    with torch.no_grad():
+        scores = tap.score(text, windows, mask)
+        sentence = text.unsqueeze(1)  # (captions, 1, width)
+        expected = torch.empty_like(scores)
+        for clip in range(len(windows)):  # the published per-clip loop of rank_sequences
+            conditioned = published_tap(tap, windows[clip:clip + 1], sentence, mask[clip:clip + 1].unsqueeze(0))
+            expected[:, clip] = (F.normalize(conditioned, dim=-1) * F.normalize(sentence, dim=-1)).sum(-1)[:, 0]
+    torch.testing.assert_close(scores, expected)
+
+
+def test_separate_norms_are_an_option_with_their_own_parameters():
+    tap = TextAwareAttentionPooling(16, dim=8, shared_norm=False)
+    assert len({id(tap.text_norm), id(tap.window_norm), id(tap.output_norm)}) == 3
+    shared = TextAwareAttentionPooling(16, dim=8)
+    assert sum(p.numel() for p in tap.parameters()) - sum(p.numel() for p in shared.parameters()) == 4 * 16
+
+
+def make_own_caption(**kwargs):
+    torch.manual_seed(0)
+    pooling = OwnCaptionAttentionPooling(16, dim=8, **kwargs).double()
+    with torch.no_grad():
+        pooling.output_norm.weight.uniform_(0.5, 1.5)
+        pooling.output_norm.bias.uniform_(-0.3, 0.3)
+    return pooling.eval()
+
+
+def published_own_caption_scores(pooling, text, windows, pooling_text):
+    """Published forward + rank_sequences (commits b9dc5ae-a78f3bc): clip i pooled by pooling_text[i], no mask."""
+    conditioned = published_tap(pooling, windows, pooling_text.unsqueeze(1))  # (clips, 1, width)
+    return F.normalize(text, dim=-1) @ F.normalize(conditioned[:, 0], dim=-1).t()
+
+
+def test_own_caption_training_pools_each_clip_with_its_own_caption_over_every_window():
+    pooling = make_own_caption()
+    text, windows, mask = make_inputs(captions=5)
+    with torch.no_grad():
+        scores = pooling.score(text * 2.0, windows, mask)
+        torch.testing.assert_close(scores, published_own_caption_scores(pooling, text * 2.0, windows, text * 2.0))
+        # no mask: the windows marked as padding change the scores, the mask itself does not
+        assert torch.equal(scores, pooling.score(text * 2.0, windows, torch.ones_like(mask)))
+        assert not torch.allclose(scores, pooling.score(text * 2.0, windows + torch.randn_like(windows) * (~mask).unsqueeze(-1), mask))
+    with pytest.raises(ValueError, match="one caption per clip"):
+        pooling.score(text[:3], windows, mask)
+
+
+def test_own_caption_evaluation_pools_every_clip_with_its_first_ground_truth_caption():
+    pooling = make_own_caption()
+    generator = torch.Generator().manual_seed(1)
+    text = torch.randn(10, 16, generator=generator, dtype=torch.float64)
+    _, windows, mask = make_inputs(captions=1)
+    caption_clip = torch.tensor([3, 0, 1, 0, 2, 4, 3, 1, 2, 4])  # first captions: rows 1, 2, 4, 0, 5
+    with torch.no_grad():
+        scores = pooling.rank_split(text, windows, mask, caption_clip)
+        first = text[torch.tensor([1, 2, 4, 0, 5])]
+        torch.testing.assert_close(scores, published_own_caption_scores(pooling, text, windows, first))
+        # the leak: which true caption pools the clip decides its embedding
+        swapped = torch.tensor([0, 3, 1, 0, 2, 4, 3, 1, 2, 4])  # clips 0 and 3 now pooled by rows 0 and 1
+        assert not torch.allclose(scores, pooling.rank_split(text, windows, mask, swapped))

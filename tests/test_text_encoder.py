@@ -1,12 +1,29 @@
+import csv
+from pathlib import Path
+
 import pytest
 import torch
 
 from models.text.transformer import TextEncoder, normalize_caption, resolve_text_model
 
+PHI4_CSV = Path(__file__).resolve().parents[2] / "shared" / "data" / "clotho_captions_development_plus_phi_generated.csv"
 
-def test_normalize_caption():
-    assert normalize_caption("A Dog barks, loudly!  Then  stops.") == "a dog barks loudly then stops"
+
+def test_normalize_caption_deletes_punctuation_as_published_or_spaces_it():
+    assert normalize_caption("Nature's sounds, e.g. birds!  Then  rain.") == "natures sounds eg birds  then  rain"
+    assert normalize_caption("Nature's sounds, e.g. birds!  Then  rain.", punctuation="space") == \
+        "nature s sounds e g birds then rain"
     assert normalize_caption("A Dog!", lowercase=False, remove_punctuation=False) == "A Dog!"
+    with pytest.raises(ValueError, match="sentence_features.punctuation='drop' is not one of delete, space"):
+        normalize_caption("a", punctuation="drop")
+
+
+def test_the_two_normalisations_differ_on_twelve_percent_of_the_published_phi4_captions():
+    with open(PHI4_CSV, encoding="utf-8") as handle:
+        generated = [row[f"caption_{i}"] for row in csv.DictReader(handle) for i in range(6, 11)]
+    differing = sum(normalize_caption(c).split() != normalize_caption(c, punctuation="space").split()
+                    for c in generated)
+    assert len(generated) == 19195 and 0.11 < differing / len(generated) < 0.13
 
 
 def test_resolution_prefers_local_directories(data_dir):
@@ -28,6 +45,16 @@ def test_first_token_embedding_and_truncation(data_dir):
     assert embedded.shape == (3, encoder.output_size)
     torch.testing.assert_close(embedded[0], embedded[1])  # case and punctuation removed before tokenising
     assert not torch.allclose(embedded[0], embedded[2])
+
+
+@pytest.mark.parametrize("train_dropout", [False, True])
+def test_dropout_in_training_is_off_as_published_unless_asked_for(data_dir, train_dropout):
+    encoder = TextEncoder(str(data_dir / "clotho_demo" / "roberta-tiny"), train_dropout=train_dropout).train()
+    assert {module.training for module in encoder.modules()} == {train_dropout}
+    assert encoder.model.config.hidden_dropout_prob == 0.2  # the published from_pretrained setting
+    torch.manual_seed(0)
+    first, second = encoder(["a dog barks"]), encoder(["a dog barks"])
+    assert torch.equal(first, second) != train_dropout
 
 
 def test_missing_local_model_is_a_clear_error(tmp_path):

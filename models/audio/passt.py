@@ -27,19 +27,28 @@ MEL_BINS = 128
 
 @dataclass(frozen=True)
 class PasstVariant:
-    """One selectable PaSST configuration; `arch` set means the published, downloadable weights."""
+    """One selectable PaSST configuration; `arch` set means hear21passt's downloadable AudioSet weights,
+    built for `input_frames` spectrogram frames (the length of their positional grid)."""
     embed_dim: int
     depth: int
     num_heads: int
     patch_stride: int
     max_window_seconds: float
     arch: str | None = None
+    input_frames: int = 998
 
 
 PASST_VARIANTS = {
-    # PaSST-S trained on AudioSet (SWA, mAP .476), as in the published stage-1 systems.
-    "passt": PasstVariant(embed_dim=768, depth=12, num_heads=12, patch_stride=10, max_window_seconds=10.0,
-                          arch="passt_s_swa_p16_128_ap476"),
+    # The published names map to the published checkpoints and strides (salsa / PR-Text-To-Audio-Retrieval):
+    # `passt` is PaSST-S without patch overlap (stride 16: 8 x 62 tokens per 10 s window, mAP .468),
+    "passt": PasstVariant(embed_dim=768, depth=12, num_heads=12, patch_stride=16, max_window_seconds=10.0,
+                          arch="passt_s_p16_s16_128_ap468", input_frames=1000),
+    # `passt_s` the overlapping, knowledge-distilled PaSST-S (stride 10: 12 x 99 tokens, about 2.4x more, mAP .486).
+    "passt_s": PasstVariant(embed_dim=768, depth=12, num_heads=12, patch_stride=10, max_window_seconds=10.0,
+                            arch="passt_s_kd_p16_128_ap486"),
+    # Not used by the published systems: the SWA PaSST-S of hear21passt's own default (stride 10, mAP .476).
+    "passt_s_swa": PasstVariant(embed_dim=768, depth=12, num_heads=12, patch_stride=10, max_window_seconds=10.0,
+                                arch="passt_s_swa_p16_128_ap476"),
     # Same architecture, narrow and shallow, random init: for CPUs, demos and tests.
     "passt_small": PasstVariant(embed_dim=96, depth=2, num_heads=4, patch_stride=16, max_window_seconds=30.0),
 }
@@ -82,7 +91,7 @@ def _build_passt(variant_name: str, variant: PasstVariant, window_samples: int, 
             with contextlib.redirect_stdout(io.StringIO()):
                 network = hear21passt_models.get_model(
                     arch=variant.arch, pretrained=pretrained, n_classes=527,
-                    fstride=variant.patch_stride, tstride=variant.patch_stride, input_tdim=998,
+                    fstride=variant.patch_stride, tstride=variant.patch_stride, input_tdim=variant.input_frames,
                     s_patchout_t=s_patchout_t, s_patchout_f=s_patchout_f)
         except (urllib.error.URLError, ConnectionError, TimeoutError) as error:
             raise RuntimeError(
@@ -100,12 +109,13 @@ def _build_passt(variant_name: str, variant: PasstVariant, window_samples: int, 
 class PasstEncoder(nn.Module):
     """Window embeddings of zero-padded clips: (batch, windows, embed_dim) and a mask of real windows.
 
-    Windows that hold only padding never reach the transformer; their rows are zero and masked.
+    Windows that hold only padding never reach the transformer (their rows are zero and masked), unless
+    `embed_padding_windows`: the published own-caption TAP attends over every window, silence included.
     """
 
     def __init__(self, model: str = "passt", window_seconds: float = 10.0, hop_seconds: float = 10.0,
                  pretrained: bool = True, s_patchout_t: int = 0, s_patchout_f: int = 0,
-                 freqm: int = 48, timem: int = 192, frozen: bool = False):
+                 freqm: int = 0, timem: int = 0, frozen: bool = False, embed_padding_windows: bool = False):
         super().__init__()
         variant = check_model_name(model)
         if not 0 < window_seconds <= variant.max_window_seconds:
@@ -117,6 +127,7 @@ class PasstEncoder(nn.Module):
         self.hop_samples = round(hop_seconds * SAMPLE_RATE)
         self.output_size = variant.embed_dim
         self.frozen = frozen
+        self.embed_padding_windows = embed_padding_windows
         self.mel = AugmentMelSTFT(n_mels=MEL_BINS, sr=SAMPLE_RATE, win_length=800, hopsize=MEL_HOP_SAMPLES,
                                   n_fft=1024, freqm=freqm, timem=timem, htk=False, fmin=0.0, fmax=None,
                                   norm=1, fmin_aug_range=10, fmax_aug_range=2000)
@@ -137,8 +148,9 @@ class PasstEncoder(nn.Module):
 
     def forward(self, audio: torch.Tensor, audio_length: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         windows, mask = split_into_windows(audio, audio_length, self.window_samples, self.hop_samples)
+        embedded_windows = torch.ones_like(mask) if self.embed_padding_windows else mask
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
-            embedded = self.embed_windows(windows[mask])
+            embedded = self.embed_windows(windows[embedded_windows])
         sequence = embedded.new_zeros(*mask.shape, embedded.shape[-1])
-        sequence[mask] = embedded
+        sequence[embedded_windows] = embedded
         return sequence, mask

@@ -11,16 +11,28 @@ from torch import nn
 from transformers import AutoModel, AutoTokenizer
 
 KNOWN_TEXT_MODELS = ("roberta-base", "roberta-large", "bert-base-uncased", "bert-large-uncased")
+PUNCTUATION_MODES = ("delete", "space")
+PUBLISHED_DROPOUT = 0.2  # hidden and attention dropout the published code sets in from_pretrained
 _PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
+_DELETE_PUNCTUATION = str.maketrans("", "", string.punctuation)
 
 
-def normalize_caption(caption: str, lowercase: bool = True, remove_punctuation: bool = True) -> str:
-    """Clotho captions vary in case and punctuation; neither carries meaning for retrieval."""
+def normalize_caption(caption: str, lowercase: bool = True, remove_punctuation: bool = True,
+                      punctuation: str = "delete") -> str:
+    """Clotho captions vary in case and punctuation; neither carries meaning for retrieval.
+
+    `delete` is the published normalisation ("nature's" -> "natures", whitespace left as it is); `space`
+    puts a space for each mark and collapses whitespace ("nature's" -> "nature s").
+    """
     if lowercase:
         caption = caption.lower()
-    if remove_punctuation:
-        caption = _PUNCTUATION.sub(" ", caption)
-    return " ".join(caption.split())
+    if not remove_punctuation:
+        return caption
+    if punctuation == "delete":
+        return caption.translate(_DELETE_PUNCTUATION)
+    if punctuation == "space":
+        return " ".join(_PUNCTUATION.sub(" ", caption).split())
+    raise ValueError(f"sentence_features.punctuation={punctuation!r} is not one of {', '.join(PUNCTUATION_MODES)}")
 
 
 def resolve_text_model(name: str, data_dir: str | os.PathLike | None = None) -> str:
@@ -46,9 +58,9 @@ def text_model_available(model_path: str) -> bool:
     return isinstance(try_to_load_from_cache(model_path, "config.json"), str)
 
 
-def _load_pretrained(loader, model_path: str):
+def _load_pretrained(loader, model_path: str, **settings):
     try:
-        return loader.from_pretrained(model_path)
+        return loader.from_pretrained(model_path, **settings)
     except (OSError, ValueError) as error:
         raise RuntimeError(
             f"text model '{model_path}' could not be loaded ({str(error).splitlines()[0]}). On a machine with "
@@ -57,31 +69,43 @@ def _load_pretrained(loader, model_path: str):
 
 
 class TextEncoder(nn.Module):
-    """Embeds captions with the first token's final hidden state (<s> / [CLS])."""
+    """Embeds captions with the first token's final hidden state (<s> / [CLS]).
+
+    Dropout: the published code loads the model with hidden and attention dropout 0.2, but
+    `from_pretrained` returns it in eval mode and Lightning (2.2 there, 2.6 here) keeps each module's mode,
+    so the published runs trained the text encoder with its dropout off. `train_dropout=False` keeps that;
+    True switches the 0.2 dropout on in training.
+    """
 
     def __init__(self, model_path: str, max_sentence_tokens: int = 32, lowercase: bool = True,
-                 remove_punctuation: bool = True, frozen: bool = False):
+                 remove_punctuation: bool = True, punctuation: str = "delete", frozen: bool = False,
+                 train_dropout: bool = False):
         super().__init__()
         if max_sentence_tokens < 2:
             raise ValueError(f"sentence_features.max_sentence_tokens={max_sentence_tokens} must be >= 2")
+        if punctuation not in PUNCTUATION_MODES:
+            raise ValueError(f"sentence_features.punctuation={punctuation!r} is not one of "
+                             f"{', '.join(PUNCTUATION_MODES)}")
         self.tokenizer = _load_pretrained(AutoTokenizer, model_path)
-        self.model = _load_pretrained(AutoModel, model_path)
+        self.model = _load_pretrained(AutoModel, model_path, hidden_dropout_prob=PUBLISHED_DROPOUT,
+                                      attention_probs_dropout_prob=PUBLISHED_DROPOUT)
         self.output_size = self.model.config.hidden_size
         self.max_sentence_tokens = max_sentence_tokens
         self.lowercase = lowercase
         self.remove_punctuation = remove_punctuation
+        self.punctuation = punctuation
         self.frozen = frozen
+        self.train_dropout = train_dropout
         if frozen:
             self.requires_grad_(False)
-        # from_pretrained returns the model in eval mode and Lightning does not switch modules to train
-        # mode, so without this RoBERTa's dropout would silently stay off during training.
-        self.train()
+        self.train()  # Lightning keeps each module's mode: set the one training needs now
 
     def train(self, mode: bool = True) -> "TextEncoder":
-        return super().train(mode and not self.frozen)
+        return super().train(mode and self.train_dropout and not self.frozen)
 
     def tokenize(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        normalized = [normalize_caption(c, self.lowercase, self.remove_punctuation) for c in captions]
+        normalized = [normalize_caption(c, self.lowercase, self.remove_punctuation, self.punctuation)
+                      for c in captions]
         return self.tokenizer(normalized, padding=True, truncation=True, max_length=self.max_sentence_tokens,
                               return_tensors="pt")
 
