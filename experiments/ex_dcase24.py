@@ -180,8 +180,7 @@ def uses_cuda(accelerator: str) -> bool:
 def check_config(audio_features: dict, sentence_features: dict, tap_hyperparams: dict, train_on: str,
                  max_epochs: int, warmup_length: float, rampdown_start: float, rampdown_stop: float, rampdown_type: str,
                  min_lr: float, max_audio_seconds: float | None, clotho_v2: dict, data_loader: dict,
-                 require_gpu: bool, positive_weighting: str, test_weights: str, precision, accelerator: str,
-                 _config: dict) -> None:
+                 positive_weighting: str, test_weights: str, _config: dict) -> None:
     """Every cheap check on the configuration, so bad input fails before models or data load."""
     check_model_name(audio_features["model"])
     resolve_text_model(sentence_features["model"], get_data_dir())
@@ -194,9 +193,6 @@ def check_config(audio_features: dict, sentence_features: dict, tap_hyperparams:
     if audio_features["hop_length"] is not None and not audio_features["hop_length"] > 0:
         raise ValueError(f"audio_features.hop_length={audio_features['hop_length']} must be > 0 seconds "
                          f"(or None for the same as segment_length)")
-    if str(precision).startswith("16") and not uses_cuda(accelerator):
-        raise ValueError(f"precision={precision!r} (fp16 AMP, the published setting) needs a CUDA GPU, and "
-                         f"accelerator={accelerator!r} runs on the CPU here: set precision=32 or bf16-mixed")
     if audio_features["aggregate"] != "mean":
         check_tap_hyperparams(tap_hyperparams["dim"], tap_hyperparams["p_dropout_weights"],
                               tap_hyperparams["p_dropout_proj"])
@@ -214,6 +210,14 @@ def check_config(audio_features: dict, sentence_features: dict, tap_hyperparams:
     if max_audio_seconds is not None and not 0 < max_audio_seconds:
         raise ValueError(f"max_audio_seconds={max_audio_seconds} must be positive (or None)")
     validate_schedule(warmup_length, rampdown_start, rampdown_stop, rampdown_type, max_epochs)
+
+
+@ex.capture
+def check_hardware(precision, accelerator: str, require_gpu: bool) -> None:
+    """What training needs of the machine; separate from check_config so that print_lr runs anywhere."""
+    if str(precision).startswith("16") and not uses_cuda(accelerator):
+        raise ValueError(f"precision={precision!r} (fp16 AMP, the published setting) needs a CUDA GPU, and "
+                         f"accelerator={accelerator!r} runs on the CPU here: set precision=32 or bf16-mixed")
     if require_gpu and not torch.cuda.is_available():
         raise RuntimeError("no CUDA GPU is visible (require_gpu=True, set by lean_single_gpu / make train): run on a "
                            "GPU machine, or add require_gpu=False to train on this machine anyway")
@@ -404,6 +408,7 @@ def train_and_evaluate(load_parameters: str | None, resume_training: str | None,
     Checks run in the order that costs least when they fail: config, data files, weights, then models.
     """
     check_config()
+    check_hardware()
     for split in SPLITS:
         load_split(split)
     check_weights()

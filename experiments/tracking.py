@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import lightning as L
-from sacred.observers import MongoObserver
+from sacred.observers import FileStorageObserver, MongoObserver
 from sacred.observers.mongo import parse_mongo_db_arg
 
 from utils.paths import default_data_dir
@@ -44,9 +44,22 @@ class PatientMongoObserver(MongoObserver):
         return cls(client=client, **settings)
 
 
+class BackupFileStorageObserver(FileStorageObserver):
+    """The file-observer copy of MongoDB runs: numbers its own folders instead of taking the Mongo run id.
+
+    Mongo ids restart at 1 in every database while the copies share one folder, so reusing them made a run
+    against a fresh database crash at start on an existing `sacred_runs/1`. Folders are claimed with an atomic
+    mkdir (Sacred's own numbering), so concurrent runs get distinct ones too; run.json keeps the config.
+    """
+
+    def _make_run_dir(self, _id) -> None:
+        super()._make_run_dir(None)
+
+
 def prepare_observer_options(experiment, options: dict) -> None:
     """Sacred option hook: default Mongo URL from the environment, ping it, fall back or stop."""
-    experiment.observers[:] = [o for o in experiment.observers if not isinstance(o, PatientMongoObserver)]
+    experiment.observers[:] = [o for o in experiment.observers
+                               if not isinstance(o, (PatientMongoObserver, BackupFileStorageObserver))]
     if not options.get(MONGO_OPTION) and os.environ.get("DCASE24_MONGO"):
         options[MONGO_OPTION] = os.environ["DCASE24_MONGO"]
     if not options.get(MONGO_OPTION):
@@ -67,7 +80,7 @@ def prepare_observer_options(experiment, options: dict) -> None:
     observer.failure_dir = str(Path(default_data_dir()).expanduser() / "runs" / "mongo_failures")
     experiment.observers.append(observer)
     if not options.get(FILE_OPTION):
-        options[FILE_OPTION] = str(backup)
+        experiment.observers.append(BackupFileStorageObserver(str(backup)))
         print(f"recording in MongoDB at {url}, with a file-observer copy in {backup}", file=sys.stderr)
 
 

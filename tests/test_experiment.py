@@ -26,10 +26,16 @@ def run_demo(data_dir: Path, **updates):
 
 
 @pytest.mark.parametrize("updates, error, message", [
-    ({"audio_features__model": "cnn14"}, ValueError, "choices: passt, passt_small"),
+    ({"audio_features__model": "cnn14"}, ValueError, "choices: passt, passt_s, passt_s_swa, passt_small"),
     ({"sentence_features__model": "gpt-9"}, ValueError, "choose one of roberta-base"),
     ({"audio_features__segment_length": 40}, ValueError, "segment_length=40 s is longer than the clip"),
-    ({"audio_features__aggregate": "max"}, ValueError, "aggregate=.max. is not one of mean, TAP"),
+    ({"audio_features__aggregate": "max"}, ValueError, "aggregate=.max. is not one of mean, TAP, TAP_own_caption"),
+    ({"audio_features__hop_length": 0}, ValueError, "audio_features.hop_length=0 must be > 0 seconds"),
+    ({"sentence_features__punctuation": "drop"}, ValueError, "sentence_features.punctuation='drop' is not one of"),
+    ({"sentence_features__projection": "mlp"}, ValueError, "sentence_features.projection='mlp' is not one of"),
+    ({"test_weights": "first"}, ValueError, "test_weights='first' is not one of last, best"),
+    ({"positive_weighting": "mean"}, ValueError, "positive_weighting='mean' is not one of pair, row"),
+    ({"precision": "16-mixed"}, ValueError, "precision='16-mixed' .* needs a CUDA GPU"),
     ({"lr_audio_encoder": 0}, ValueError, "lr_audio_encoder=0 must be positive"),
     ({"data_loader__batch_size": 0}, ValueError, "data_loader.batch_size=0 must be >= 1"),
     ({"rampdown_start": 5, "rampdown_stop": 3}, ValueError, "rampdown_stop=3 comes before rampdown_start=5"),
@@ -147,20 +153,79 @@ def test_config_scopes_reach_the_captured_builders(data_dir):
     assert run.result == (3 * 32000, 48000, "TextAwareAttentionPooling", 0.25)
 
 
-@pytest.mark.parametrize("frozen", [False, True])
-def test_built_model_starts_in_the_mode_training_needs(data_dir, frozen):
-    # Lightning keeps each module's train/eval mode; from_pretrained hands RoBERTa over in eval mode.
-    from experiments.ex_dcase24 import build_model
+@pytest.mark.parametrize("frozen, train_dropout", [(False, False), (False, True), (True, True)])
+def test_modules_train_in_the_published_modes(data_dir, frozen, train_dropout, monkeypatch):
+    # Lightning keeps each module's train/eval mode; from_pretrained hands RoBERTa over in eval mode, and the
+    # published runs kept it so (text dropout off), with PaSST in train mode. Checked inside real training steps.
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback
 
-    @ex.command(unobserved=True)
-    def module_modes():
-        model = build_model()
-        return ({module.training for module in model.audio_encoder.modules()},
-                {module.training for module in model.text_encoder.modules()},
-                {module.training for module in model.pooling.modules()})
+    modes = []
 
-    run = ex.run("module_modes", named_configs=["demo"], options={"--loglevel": "ERROR"},
-                 config_updates={"audio_features": {"model_config": {"frozen": frozen}},
-                                 "sentence_features": {"frozen": frozen},
-                                 "directories": {"data_dir": str(data_dir)}})
-    assert run.result == ({not frozen}, {not frozen}, {True})
+    class RecordModes(Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_index):
+            modes.append(tuple(frozenset(m.training for m in part.modules())
+                               for part in (module.model.audio_encoder, module.model.text_encoder,
+                                            module.model.pooling)))
+
+    real_fit = L.Trainer.fit
+
+    def fit_recording(trainer, *args, **kwargs):
+        trainer.callbacks.append(RecordModes())
+        return real_fit(trainer, *args, **kwargs)
+
+    monkeypatch.setattr(L.Trainer, "fit", fit_recording)
+    run_demo(data_dir, audio_features__model_config__frozen=frozen, sentence_features__frozen=frozen,
+             sentence_features__train_dropout=train_dropout)
+    assert modes and set(modes) == {(frozenset({not frozen}), frozenset({train_dropout and not frozen}),
+                                     frozenset({True}))}
+
+
+def test_print_config_shows_the_published_defaults():
+    config = ex.run("print_config", options={"--loglevel": "ERROR"}).config
+    audio, text = config["audio_features"], config["sentence_features"]
+    assert (audio["model"], audio["segment_length"], audio["hop_length"], audio["aggregate"]) == ("passt", 10, 10, "mean")
+    assert (audio["model_config"]["freqm"], audio["model_config"]["timem"], audio["model_config"]["s_patchout_t"],
+            audio["model_config"]["s_patchout_f"]) == (0, 0, 15, 2)
+    assert (text["punctuation"], text["train_dropout"], text["projection"]) == ("delete", False, "none")
+    assert (config["freeze_tau"], config["initial_tau"], config["precision"], config["test_weights"],
+            config["positive_weighting"], config["tap_hyperparams"]["shared_norm"]) == (
+        True, 0.05, "16-mixed", "last", "pair", True)
+
+
+def test_data_is_checked_before_weights_and_weights_before_models(data_dir, monkeypatch):
+    # Offline and without RoBERTa-large or PaSST in the caches: a missing dataset must be named first.
+    import experiments.ex_dcase24 as experiment
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(data_dir / "empty_hf_home"))
+    monkeypatch.setenv("TORCH_HOME", str(data_dir / "empty_torch_home"))
+    monkeypatch.setattr(experiment, "build_model", lambda: pytest.fail("a model was built before the checks"))
+    real = {"stand_in_models": False, "sentence_features__model": "roberta-large", "audio_features__model": "passt",
+            "audio_features__model_config__pretrained": True}
+    with pytest.raises(FileNotFoundError, match="Clotho folder not found: .*absent"):
+        run_demo(data_dir, clotho_v2__folder_name="absent", **real)
+    with pytest.raises(RuntimeError, match="offline .* not cached: audio weights passt: MISSING at .*passt-s-f128-p16-"
+                                           "s16-ap.468.pt; text weights roberta-large: MISSING"):
+        run_demo(data_dir, **real)
+    assert not (data_dir / "runs").exists()
+
+
+@pytest.mark.parametrize("test_weights, other", [("last", "best"), ("best", "last")])
+def test_the_selected_weights_are_tested_and_the_others_logged(data_dir, monkeypatch, test_weights, other):
+    import experiments.ex_dcase24 as experiment
+
+    calls = []
+    real = experiment.test_weights_of
+
+    def recording(trainer, module, loader, checkpoint, prefix):
+        calls.append((Path(checkpoint).name, prefix))
+        return real(trainer, module, loader, checkpoint, prefix)
+
+    monkeypatch.setattr(experiment, "test_weights_of", recording)
+    run = run_demo(data_dir, max_epochs=2, test_weights=test_weights)
+    names = {"last": "last.ckpt", "best": Path(run.info["best_checkpoint"]).name}
+    assert calls == [(names[test_weights], "test"), (names[other], f"test_{other}")]
+    assert set(run.info[f"test_{other}"]) == set(run.result) == {"mAP@10", "R@1", "R@5", "R@10"}
+    metrics_csv = next((Path(run.info["run_folder"]) / "logs").glob("*/metrics.csv")).read_text()
+    assert "test/mAP@10" in metrics_csv and f"test_{other}/mAP@10" in metrics_csv

@@ -130,3 +130,28 @@ def test_wandb_offline_logs_metrics_and_config(data_dir):
                 b"offline-test"):
         assert key in content, key
     assert "wandb sync" in completed.stderr + completed.stdout
+
+
+def test_fresh_databases_and_concurrent_runs_share_the_file_copy_without_collisions(data_dir, mongo, tmp_path):
+    # MongoDB numbers runs from 1 in every fresh database; the file-observer copies all live in one sacred_runs/.
+    _, port = mongo
+    fresh_port = free_port()
+    fresh = start_server(tmp_path / "fresh_mongo", fresh_port)
+    try:
+        for server_port in (port, fresh_port):
+            completed = experiment(data_dir, "-m", f"127.0.0.1:{server_port}:history", *DEMO, "max_epochs=1")
+            assert completed.returncode == 0, completed.stderr[-3000:]
+        running = [experiment(data_dir, "-m", f"127.0.0.1:{fresh_port}:history", *DEMO, "max_epochs=1", wait=False)
+                   for _ in range(2)]
+        for process in running:
+            _, stderr = process.communicate(timeout=600)
+            assert process.returncode == 0, stderr[-3000:]
+        ids = {server_port: sorted(run["_id"] for run in
+                                   pymongo.MongoClient(f"mongodb://127.0.0.1:{server_port}")["history"].runs.find())
+               for server_port in (port, fresh_port)}
+    finally:
+        fresh.send_signal(signal.SIGTERM)
+        fresh.wait(timeout=10)
+    assert ids == {port: [1], fresh_port: [1, 2, 3]}  # id 1 twice: the case that used to crash at start
+    copies = sorted((data_dir / "sacred_runs").glob("*/run.json"))
+    assert len(copies) == 4 and all(json.loads(copy.read_text())["status"] == "COMPLETED" for copy in copies)
