@@ -3,18 +3,26 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 DATA_DIR ?= $(HOME)/data
 TRAIN_ARGS ?=
+UV_VERSION := 0.13.8
+UV := .tools/bin/uv
 export DATA_DIR
+export UV_PROJECT_ENVIRONMENT := $(abspath $(VENV))
 
-.PHONY: prepare demo demo-data test train download-dataset benchmark
+.PHONY: prepare lock demo demo-data test train download-dataset benchmark
 
-$(VENV)/.installed: pyproject.toml
-	python3 -m venv $(VENV)
-	$(PYTHON) -m pip install --quiet --upgrade pip
-	$(PYTHON) -m pip install --quiet torch==2.11.0 torchvision==0.26.0 torchaudio==2.11.0
-	$(PYTHON) -m pip install --quiet -e '.[dev]'
+$(UV):  ## uv itself, in its own small virtualenv (works where the system Python refuses pip installs)
+	python3 -m venv .tools
+	.tools/bin/python -m pip install --quiet "uv==$(UV_VERSION)"
+
+$(VENV)/.installed: pyproject.toml uv.lock $(UV)
+	$(UV) sync --frozen --extra dev --python python3
 	touch $@
 
-prepare: $(VENV)/.installed  ## install only
+prepare: $(VENV)/.installed  ## install exactly the versions pinned in uv.lock
+
+lock: $(UV)  ## after editing pyproject.toml: re-resolve uv.lock and re-export requirements.lock.txt (conda)
+	$(UV) lock --python python3
+	$(UV) export --frozen --extra dev --no-hashes --no-emit-project --no-header -o requirements.lock.txt
 
 demo-data: prepare  ## write the synthetic Clotho-format dataset to $(DATA_DIR)/clotho_demo if absent
 	$(PYTHON) -m data_loaders.demo_data --data-dir "$(DATA_DIR)" --if-missing

@@ -1,9 +1,12 @@
 """A small synthetic dataset in the exact Clotho v2.1 layout, for the CPU demo and the tests.
 
-Every clip mixes one to three synthesised sound events that last the whole clip, and each of its
-five captions names those events in different words (the development split also gets a ten-caption
-CSV in the format of the published Phi-4 overcaptions), so retrieval has to be learned from the
-audio (with 12 events there are 298 event sets: chance mAP@10 on 100 clips is about 0.03).
+Layout `mixed` (the demo): every clip mixes one to three synthesised sound events that last the whole
+clip, and each of its five captions names those events in different words (with 12 events there are
+298 event sets: chance mAP@10 on 100 clips is about 0.03). Layout `ordered`, a differently built set
+for checking learning claims: every clip holds two events one after the other (the first fills the
+first half) and its captions say so in order ("a whistle blows, followed by thunder rumbles"), so the
+same pair in the other order is another clip. The development split also gets a ten-caption CSV in the
+format of the published Phi-4 overcaptions, so retrieval has to be learned from the audio.
 The generator also trains a byte-level BPE tokenizer on the captions and saves a small, randomly
 initialised RoBERTa beside the data, so the demo exercises the real `transformers` loading path.
 
@@ -152,6 +155,9 @@ EVENTS: dict[str, tuple[Synth, list[str]]] = {
     "thunder": (thunder, ["thunder rumbles", "thunder is rolling", "rumbling thunder", "thunder crashes"]),
 }
 JOINERS = ["{} while {}", "{} and {}", "{} as {} in the background", "{}, and {}", "{} with {}"]
+ORDERED_JOINERS = ["{}, followed by {}", "first {}, then {}", "{}, after that {}", "{} and then {}",
+                   "{} before {}"]
+LAYOUTS = ("mixed", "ordered")
 SINGLE = ["{}", "{} in a quiet place", "{} nearby", "{} close to the microphone", "{} for a while"]
 NON_ASCII_MANUFACTURERS = ["Jürgen", "Zoë", "Ångström", "alice", "bob"]
 
@@ -167,29 +173,43 @@ def caption_for(events: list[str], rng: np.random.Generator) -> str:
     return text[0].upper() + text[1:] + "."
 
 
-def synthesise_clip(events: list[str], seconds: float, rng: np.random.Generator) -> np.ndarray:
+def ordered_caption_for(events: list[str], rng: np.random.Generator) -> str:
+    first, second = (EVENTS[event][1][rng.integers(len(EVENTS[event][1]))] for event in events)
+    text = ORDERED_JOINERS[rng.integers(len(ORDERED_JOINERS))].format(first, second)
+    return text[0].upper() + text[1:] + "."
+
+
+def synthesise_clip(events: list[str], seconds: float, rng: np.random.Generator, ordered: bool = False) -> np.ndarray:
+    """Events mixed over the whole clip, or (`ordered`) each in its own consecutive part of it."""
     samples = int(seconds * SOURCE_RATE)
     mix = 0.003 * rng.standard_normal(samples)
-    for event in events:
-        sound = EVENTS[event][0](rng, samples)
-        mix += rng.uniform(0.5, 1.0) * sound / (np.abs(sound).max() + 1e-9)
+    bounds = np.linspace(0, samples, len(events) + 1).astype(int) if ordered else [0] * len(events) + [samples]
+    for index, event in enumerate(events):
+        start, end = (bounds[index], bounds[index + 1]) if ordered else (0, samples)
+        sound = EVENTS[event][0](rng, end - start)
+        mix[start:end] += rng.uniform(0.5, 1.0) * sound / (np.abs(sound).max() + 1e-9)
     return (0.9 * mix / np.abs(mix).max()).astype(np.float32)
 
 
-def _write_split(folder: Path, split: str, clips: int, rng: np.random.Generator) -> list[str]:
+def _write_split(folder: Path, split: str, clips: int, rng: np.random.Generator, layout: str = "mixed") -> list[str]:
     audio_folder = folder / split
     audio_folder.mkdir(parents=True)
     names = list(EVENTS)
     caption_rows, metadata_rows, augmented_rows, all_captions = [], [], [], []
     for index in range(clips):
-        events = sorted(rng.choice(names, size=rng.choice([1, 2, 2, 3]), replace=False).tolist())
+        ordered = layout == "ordered"
+        if ordered:
+            events = rng.choice(names, size=2, replace=False).tolist()
+        else:
+            events = sorted(rng.choice(names, size=rng.choice([1, 2, 2, 3]), replace=False).tolist())
+        describe = ordered_caption_for if ordered else caption_for
         file_name = f"demo {split} clip {index:04d}.wav"
-        soundfile.write(audio_folder / file_name, synthesise_clip(events, rng.uniform(15, 30), rng),
+        soundfile.write(audio_folder / file_name, synthesise_clip(events, rng.uniform(15, 30), rng, ordered),
                         SOURCE_RATE, subtype="PCM_16")
-        captions = [caption_for(events, rng) for _ in range(5)]
+        captions = [describe(events, rng) for _ in range(5)]
         all_captions += captions
         caption_rows.append([file_name, *captions])
-        augmented_rows.append([file_name, *captions, *[caption_for(events, rng) for _ in range(5)]])
+        augmented_rows.append([file_name, *captions, *[describe(events, rng) for _ in range(5)]])
         metadata_rows.append([file_name, ";".join(events), index, f"https://example.org/demo/{index}",
                               "[0, 0]", NON_ASCII_MANUFACTURERS[index % len(NON_ASCII_MANUFACTURERS)], "CC0"])
     with open(folder / f"clotho_captions_{split}.csv", "w", newline="", encoding="utf-8") as handle:
@@ -229,8 +249,11 @@ def write_text_model(folder: Path, captions: list[str], hidden_size: int = 128, 
     return target
 
 
-def generate_demo_dataset(folder: Path, splits: dict[str, int] | None = None, seed: int = 0) -> Path:
+def generate_demo_dataset(folder: Path, splits: dict[str, int] | None = None, seed: int = 0,
+                          layout: str = "mixed") -> Path:
     """Write the dataset into `folder` (built in a temporary sibling, renamed into place when complete)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r} is not one of {', '.join(LAYOUTS)}")
     folder = Path(folder)
     if folder.exists():
         raise FileExistsError(f"{folder} already exists; remove it to generate the demo dataset again")
@@ -240,7 +263,7 @@ def generate_demo_dataset(folder: Path, splits: dict[str, int] | None = None, se
         rng = np.random.default_rng(seed)
         captions = []
         for split, clips in (splits or DEMO_SPLITS).items():
-            captions += _write_split(staging, split, clips, rng)
+            captions += _write_split(staging, split, clips, rng, layout)
         write_text_model(staging, captions)
         os.replace(staging, folder)
     finally:
@@ -253,13 +276,17 @@ def main() -> None:
     parser.add_argument("--data-dir", default=default_data_dir(), help="directories.data_dir (default: %(default)s)")
     parser.add_argument("--folder-name", default="clotho_demo", help="clotho_v2.folder_name (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--layout", choices=LAYOUTS, default="mixed", help="mixed (the demo) or ordered events")
+    parser.add_argument("--clips", type=int, nargs=3, metavar=("DEV", "VAL", "EVAL"),
+                        help=f"clips per split (default: {' '.join(map(str, DEMO_SPLITS.values()))})")
     parser.add_argument("--if-missing", action="store_true", help="do nothing if the folder already exists")
     args = parser.parse_args()
     folder = Path(args.data_dir).expanduser() / args.folder_name
     if args.if_missing and folder.exists():
         print(f"demo dataset already at {folder}")
         return
-    generate_demo_dataset(folder, seed=args.seed)
+    splits = dict(zip(DEMO_SPLITS, args.clips)) if args.clips else None
+    generate_demo_dataset(folder, splits, seed=args.seed, layout=args.layout)
     print(f"demo dataset written to {folder}")
 
 

@@ -1,0 +1,93 @@
+"""Does a pooling learn, and how much does it vary? Test metrics of `demo` runs over data sets and seeds.
+
+    python -m benchmarks.bench_learning --data-dir /tmp/learning --datasets mixed:0 ordered:1 \\
+        --aggregates mean TAP TAP_own_caption --seeds 409194 1 2 [--set key=value ...]
+
+Each data set is generated once (`layout:seed`, in the Clotho layout, with its own tokenizer and tiny
+RoBERTa); every (data set, aggregate, seed) is one real run of `python -m experiments.ex_dcase24 with demo`
+with the published TAP keys (5 s windows, hop 5, dropout 0.1). Results are appended to
+`<data-dir>/results.jsonl` as they finish (a rerun skips what is there), then summarised as mean and range.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from data_loaders.demo_data import DEMO_SPLITS, TEXT_MODEL_FOLDER, generate_demo_dataset
+from utils.metrics import chance_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+PUBLISHED_TAP_KEYS = ["tap_hyperparams.p_dropout_weights=0.1", "tap_hyperparams.p_dropout_proj=0.1",
+                      "audio_features.segment_length=5", "audio_features.hop_length=5"]
+SMALL_SPLITS = {"development": 160, "validation": 40, "evaluation": 40}
+
+
+def dataset(data_dir: Path, spec: str) -> tuple[str, int]:
+    """`layout:seed` -> folder name below data_dir and its test-split size (generated if absent)."""
+    layout, seed = spec.split(":")
+    splits = DEMO_SPLITS if layout == "mixed" else SMALL_SPLITS
+    name = f"{layout}_seed{seed}"
+    if not (data_dir / name).exists():
+        generate_demo_dataset(data_dir / name, splits, seed=int(seed), layout=layout)
+    return name, splits["evaluation"]
+
+
+def run(data_dir: Path, folder: str, aggregate: str, seed: int, extra: list[str]) -> dict:
+    command = [sys.executable, "-m", "experiments.ex_dcase24", "with", "demo", *PUBLISHED_TAP_KEYS,
+               f"audio_features.aggregate={aggregate}", f"seed={seed}", f"directories.data_dir={data_dir}",
+               f"clotho_v2.folder_name={folder}", "stand_in_models=False",
+               f"sentence_features.model={folder}/{TEXT_MODEL_FOLDER}", *extra]
+    started = time.perf_counter()
+    completed = subprocess.run(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                               capture_output=True, text=True)
+    if completed.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{completed.stderr[-3000:]}")
+    result_line = [line for line in completed.stderr.splitlines() if "Result: {" in line][-1]
+    return {"result": ast.literal_eval(result_line.split("Result: ", 1)[1]),
+            "minutes": round((time.perf_counter() - started) / 60, 2)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-dir", type=Path, required=True)
+    parser.add_argument("--datasets", nargs="+", default=["mixed:0", "ordered:1"], help="layout:seed")
+    parser.add_argument("--aggregates", nargs="+", default=["mean", "TAP", "TAP_own_caption"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[409194, 1, 2])
+    parser.add_argument("--set", nargs="*", default=[], dest="extra", help="more config updates (key=value)")
+    parser.add_argument("--label", default="", help="name of this variant in the results file")
+    args = parser.parse_args()
+    args.data_dir.mkdir(parents=True, exist_ok=True)
+    results_path = args.data_dir / "results.jsonl"
+    done = [json.loads(line) for line in results_path.read_text().splitlines()] if results_path.exists() else []
+    for spec in args.datasets:
+        folder, test_clips = dataset(args.data_dir, spec)
+        for aggregate in args.aggregates:
+            for seed in args.seeds:
+                key = {"label": args.label, "dataset": spec, "aggregate": aggregate, "seed": seed}
+                if any(all(row.get(k) == v for k, v in key.items()) for row in done):
+                    continue
+                row = {**key, **run(args.data_dir, folder, aggregate, seed, args.extra),
+                       "chance": chance_metrics(test_clips)["mAP@10"], "settings": args.extra}
+                print(json.dumps(row), flush=True)
+                done.append(row)
+                with open(results_path, "a") as handle:
+                    handle.write(json.dumps(row) + "\n")
+    print(f"\n{'label':<12} {'data set':<12} {'aggregate':<16} mAP@10 mean [min, max] over seeds (chance)")
+    groups: dict[tuple, list[dict]] = {}
+    for row in done:
+        groups.setdefault((row["label"], row["dataset"], row["aggregate"]), []).append(row)
+    for (label, spec, aggregate), rows in sorted(groups.items()):
+        scores = [row["result"]["mAP@10"] for row in rows]
+        print(f"{label:<12} {spec:<12} {aggregate:<16} {statistics.mean(scores):.3f} [{min(scores):.3f}, "
+              f"{max(scores):.3f}] n={len(scores)} ({rows[0]['chance']:.3f})")
+
+
+if __name__ == "__main__":
+    main()
