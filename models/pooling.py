@@ -93,21 +93,24 @@ class TextAwareAttentionPooling(Pooling):
         self.scoring_memory_bytes = scoring_memory_bytes
 
     def attention(self, text: torch.Tensor, windows: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Attention weights (captions, clips, windows), zero on padding, and the windows already passed
-        through the value and output projections (clips, windows, shared): weights sum to one, so the
-        output projection of the pooled values is the pooled output projections."""
+        """Attention weights (captions, clips, windows), zero on padding and after attention-weight dropout,
+        and the windows' values (clips, windows, dim)."""
         query = self.query(self.text_norm(text))
         normed = self.window_norm(windows)
         keys = self.key(normed)
         logits = torch.einsum("cd,awd->caw", query, keys) / math.sqrt(query.shape[-1])
         weights = logits.masked_fill(~mask.unsqueeze(0), float("-inf")).softmax(dim=-1)
-        return self.weight_dropout(weights), self.output(self.value(normed))
+        return self.weight_dropout(weights), self.value(normed)
 
     def forward(self, text: torch.Tensor, windows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Each clip's embedding as seen by each caption: (captions, clips, shared)."""
-        weights, projected = self.attention(text, windows, mask)
-        pooled = self.output_dropout(self.output_norm(torch.einsum("caw,awd->cad", weights, projected)))
-        return self.normalized(pooled)
+        """Each clip's embedding as seen by each caption: (captions, clips, shared).
+
+        The output projection (and its bias) comes after pooling: under attention-weight dropout the
+        weights no longer sum to one, so it must not be moved inside the sum.
+        """
+        weights, values = self.attention(text, windows, mask)
+        pooled = self.output(torch.einsum("caw,awd->cad", weights, values))
+        return self.normalized(self.output_dropout(self.output_norm(pooled)))
 
     def _score_closed_form(self, text: torch.Tensor, windows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """forward(...) · normalized(text) without materialising (captions, clips, shared): exact when dropout
@@ -117,7 +120,8 @@ class TextAwareAttentionPooling(Pooling):
         a·(u_w · g), a's mean of u_w, and the Gram forms a^T (u u^T) a, so everything of width `shared`
         is a matrix product over (caption, window) pairs.
         """
-        weights, projected = self.attention(text, windows, mask)
+        weights, values = self.attention(text, windows, mask)
+        projected = self.output(values)  # weights sum to one here (no dropout), so Wo moves inside the sum
         gamma, beta, eps = self.output_norm.weight, self.output_norm.bias, self.output_norm.eps
         width = projected.shape[-1]
         text = self.normalized(text)

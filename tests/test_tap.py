@@ -165,3 +165,34 @@ def test_own_caption_evaluation_pools_every_clip_with_its_first_ground_truth_cap
         # the leak: which true caption pools the clip decides its embedding
         swapped = torch.tensor([0, 3, 1, 0, 2, 4, 3, 1, 2, 4])  # clips 0 and 3 now pooled by rows 0 and 1
         assert not torch.allclose(scores, pooling.rank_split(text, windows, mask, swapped))
+
+
+class FixedWeightDropout(torch.nn.Module):
+    """Attention-weight dropout with a chosen outcome: zero some weights, rescale the rest."""
+
+    def __init__(self, scale: torch.Tensor):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, weights: torch.Tensor) -> torch.Tensor:
+        return weights * self.scale
+
+
+def test_training_with_attention_weight_dropout_keeps_the_output_bias_as_published():
+    # A clip with one real window whose weight is dropped pools to the output projection's bias (published:
+    # w_0(dropout(softmax) @ V)), not to a zero vector that LayerNorm cannot normalise.
+    tap = make_tap(p_dropout_weights=0.5, p_dropout_proj=0.0).train()
+    text, windows, mask = make_inputs()
+    scale = torch.where(torch.rand(len(text), len(windows), windows.shape[1],
+                                   generator=torch.Generator().manual_seed(3)) < 0.5, 0.0, 2.0).double()
+    scale[:, 1] = 0.0  # clip 1 has a single real window: its whole attention is dropped
+    tap.weight_dropout = FixedWeightDropout(scale)
+    with torch.no_grad():
+        pooled = tap(text, windows, mask)
+        weights = torch.einsum("cd,awd->caw", tap.query(tap.output_norm(text)),
+                               tap.key(tap.output_norm(windows))) / math.sqrt(8)
+        weights = weights.masked_fill(~mask.unsqueeze(0), float("-inf")).softmax(-1) * scale
+        attended = torch.einsum("caw,awd->cad", weights, tap.value(tap.output_norm(windows)))
+        expected = F.normalize(tap.output_norm(tap.output(attended)), dim=-1)
+    torch.testing.assert_close(pooled, expected)
+    torch.testing.assert_close(pooled[:, 1], F.normalize(tap.output_norm(tap.output.bias), dim=-1).expand(7, -1))

@@ -87,7 +87,9 @@ class TextEncoder(nn.Module):
             raise ValueError(f"sentence_features.punctuation={punctuation!r} is not one of "
                              f"{', '.join(PUNCTUATION_MODES)}")
         self.tokenizer = _load_pretrained(AutoTokenizer, model_path)
-        self.model = _load_pretrained(AutoModel, model_path, hidden_dropout_prob=PUBLISHED_DROPOUT,
+        # Only the first token's hidden state is used: no pooler (as published; saves its unused weights).
+        self.model = _load_pretrained(AutoModel, model_path, add_pooling_layer=False,
+                                      hidden_dropout_prob=PUBLISHED_DROPOUT,
                                       attention_probs_dropout_prob=PUBLISHED_DROPOUT)
         self.output_size = self.model.config.hidden_size
         self.max_sentence_tokens = max_sentence_tokens
