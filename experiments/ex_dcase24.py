@@ -83,6 +83,7 @@ def default_config():
         "p_dropout_weights": 0.1,  # dropout on the attention weights (training only)
         "p_dropout_proj": 0.1,  # dropout on the pooled output (training only)
         "shared_norm": True,  # one LayerNorm for caption, windows and output (published) | False: three
+        "init": "random",  # random: PyTorch's default initialisation (published) | mean: start as mean pooling
     }
     train_on = "clothov2"
     max_epochs = 20
@@ -138,7 +139,8 @@ def demo():
     lr_audio_project = 1e-3
     lr_sentence_encoder = 1e-3
     lr_sentence_project = 1e-3
-    lr_tap = 1e-3
+    lr_tap = 1e-4  # with tap_hyperparams.init=mean: TAP learns from random-init encoders (benchmarks/RESULTS.md)
+    tap_hyperparams = {"init": "mean"}
     min_lr = 1e-5
     shared_representation_size = 128
     precision = "32"
@@ -195,7 +197,7 @@ def check_config(audio_features: dict, sentence_features: dict, tap_hyperparams:
                          f"(or None for the same as segment_length)")
     if audio_features["aggregate"] != "mean":
         check_tap_hyperparams(tap_hyperparams["dim"], tap_hyperparams["p_dropout_weights"],
-                              tap_hyperparams["p_dropout_proj"])
+                              tap_hyperparams["p_dropout_proj"], tap_hyperparams["init"])
     for key in LEARNING_RATE_KEYS:
         if not _config[key] > 0:
             raise ValueError(f"{key}={_config[key]} must be positive")
@@ -256,7 +258,7 @@ def build_pooling(audio_features: dict, tap_hyperparams: dict, shared_representa
     return pooling(shared_representation_size, dim=tap_hyperparams["dim"],
                    p_dropout_weights=tap_hyperparams["p_dropout_weights"],
                    p_dropout_proj=tap_hyperparams["p_dropout_proj"], normalize=normalize,
-                   shared_norm=tap_hyperparams["shared_norm"])
+                   shared_norm=tap_hyperparams["shared_norm"], init=tap_hyperparams["init"])
 
 
 @ex.capture
@@ -391,8 +393,7 @@ def cmd_check_setup(_run) -> dict:
     return report
 
 
-@ex.main
-def test_weights_of(trainer: L.Trainer, module: RetrievalModule, loader, checkpoint: str,
+def evaluate_checkpoint(trainer: L.Trainer, module: RetrievalModule, loader, checkpoint: str,
                     prefix: str) -> dict[str, float]:
     """Test-split metrics of one checkpoint's weights, logged under `prefix`."""
     module.test_prefix = prefix
@@ -433,7 +434,7 @@ def train_and_evaluate(load_parameters: str | None, resume_training: str | None,
     other = next(name for name in TEST_WEIGHTS if name != test_weights)
     results = {}
     for name, prefix in ((test_weights, "test"), (other, f"test_{other}")):
-        results[name] = test_weights_of(trainer, module, loaders["test"], checkpoints[name], prefix)
+        results[name] = evaluate_checkpoint(trainer, module, loaders["test"], checkpoints[name], prefix)
         print(f"test split, {name} weights ({prefix}/*): "
               + ", ".join(f"{metric} {results[name][metric]:.4f} (chance {chance[metric]:.4f})" for metric in chance))
     _run.info[f"test_{other}"] = results[other]

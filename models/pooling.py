@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 AGGREGATIONS = ("mean", "TAP", "TAP_own_caption")
+TAP_INITS = ("random", "mean")
 SCORING_MEMORY_BYTES = 256 * 2**20  # working memory one block of the full-split scorer may use
 
 
@@ -59,8 +60,10 @@ def block_size(total: int, bytes_per_item: int, memory_bytes: int) -> int:
     return max(1, min(total, memory_bytes // max(1, bytes_per_item)))
 
 
-def check_tap_hyperparams(dim: int, p_dropout_weights: float, p_dropout_proj: float) -> None:
+def check_tap_hyperparams(dim: int, p_dropout_weights: float, p_dropout_proj: float, init: str = "random") -> None:
     """Raise ValueError naming the offending `tap_hyperparams` key."""
+    if init not in TAP_INITS:
+        raise ValueError(f"tap_hyperparams.init={init!r} is not one of {', '.join(TAP_INITS)}")
     if dim < 1:
         raise ValueError(f"tap_hyperparams.dim={dim} must be a positive integer")
     for name, p in (("p_dropout_weights", p_dropout_weights), ("p_dropout_proj", p_dropout_proj)):
@@ -74,13 +77,14 @@ class TextAwareAttentionPooling(Pooling):
     query = Wq LN(text), keys/values = Wk/Wv LN(windows), softmax over unpadded windows (attention-weight
     dropout), then Wo back to the shared width, LayerNorm, dropout and, if `normalize`, L2 normalisation.
     With `shared_norm` (published) the three LayerNorms are one module; otherwise each has its own.
+    `init="mean"` starts TAP as (centred) mean pooling instead of random projections: see `start_as_mean`.
     """
 
     def __init__(self, shared_size: int, dim: int = 1024, p_dropout_weights: float = 0.1,
                  p_dropout_proj: float = 0.1, normalize: bool = True, shared_norm: bool = True,
-                 scoring_memory_bytes: int = SCORING_MEMORY_BYTES):
+                 init: str = "random", scoring_memory_bytes: int = SCORING_MEMORY_BYTES):
         super().__init__(normalize)
-        check_tap_hyperparams(dim, p_dropout_weights, p_dropout_proj)
+        check_tap_hyperparams(dim, p_dropout_weights, p_dropout_proj, init)
         self.output_norm = nn.LayerNorm(shared_size)
         self.text_norm = self.output_norm if shared_norm else nn.LayerNorm(shared_size)
         self.window_norm = self.output_norm if shared_norm else nn.LayerNorm(shared_size)
@@ -91,6 +95,26 @@ class TextAwareAttentionPooling(Pooling):
         self.weight_dropout = nn.Dropout(p_dropout_weights)
         self.output_dropout = nn.Dropout(p_dropout_proj)
         self.scoring_memory_bytes = scoring_memory_bytes
+        if init == "mean":
+            self.start_as_mean()
+
+    @torch.no_grad()
+    def start_as_mean(self) -> None:
+        """Zero query (uniform attention over the real windows) and value/output maps whose product is the
+        identity (exactly when dim >= shared width), so TAP starts as LayerNorm(mean of the normalised windows
+        + the output bias).
+
+        With random projections and encoders whose windows still look alike (random init, small data), the
+        pooled embeddings of different clips start nearly equal and the constant terms (biases, LayerNorm)
+        win: training collapses to equal scores for every clip (loss log(batch)). Starting from mean pooling,
+        which learns from the same start, attention is learned as a departure from it.
+        """
+        nn.init.zeros_(self.query.weight)
+        nn.init.zeros_(self.query.bias)
+        nn.init.eye_(self.value.weight)
+        nn.init.zeros_(self.value.bias)
+        nn.init.eye_(self.output.weight)  # its bias keeps its random init: a pair whose attention weights were
+        # all dropped pools to that bias, which LayerNorm can normalise (a zero vector it cannot)
 
     def attention(self, text: torch.Tensor, windows: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention weights (captions, clips, windows), zero on padding and after attention-weight dropout,

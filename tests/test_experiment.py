@@ -76,8 +76,9 @@ def test_demo_runs_end_to_end_through_the_command_line(data_dir):
     checkpoints = sorted(path.name for path in (run_folder / "checkpoints").iterdir())
     assert "last.ckpt" in checkpoints and any(name.startswith("best-") for name in checkpoints)
     metrics_csv = next(run_folder.glob("logs/*/metrics.csv")).read_text()
-    for column in ("val/mAP@10", "train/loss", "lr-AdamW/audio_encoder", "lr-AdamW/sentence_project"):
+    for column in ("val/mAP@10", "train/loss", "lr-AdamW/audio_encoder", "lr-AdamW/sentence_encoder"):
         assert column in metrics_csv
+    assert "lr-AdamW/sentence_project" not in metrics_csv  # published projection "none" has no parameters
     assert (data_dir / "clotho_demo" / "audio_cache" / "evaluation.h5").is_file()
     assert (run_folder / "lr_schedule.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -139,18 +140,51 @@ def test_make_train_recipe_says_the_gpu_is_missing(data_dir):
                                                                                                3e-6, 1.0)
 
 
-def test_config_scopes_reach_the_captured_builders(data_dir):
+@pytest.mark.parametrize("aggregate, pooling_class, embeds_padding", [
+    ("TAP", "TextAwareAttentionPooling", False), ("TAP_own_caption", "OwnCaptionAttentionPooling", True)])
+def test_config_scopes_reach_the_captured_builders(data_dir, aggregate, pooling_class, embeds_padding):
     from experiments.ex_dcase24 import build_audio_encoder, build_pooling
 
     @ex.command(unobserved=True)
     def built_components():
         encoder, pooling = build_audio_encoder(), build_pooling()
-        return encoder.window_samples, encoder.hop_samples, type(pooling).__name__, pooling.weight_dropout.p
+        return (encoder.window_samples, encoder.hop_samples, encoder.embed_padding_windows, type(pooling).__name__,
+                pooling.weight_dropout.p, pooling.text_norm is pooling.output_norm)
 
     run = ex.run("built_components", named_configs=["demo"], options={"--loglevel": "ERROR"},
-                 config_updates={"audio_features": {"segment_length": 3, "hop_length": 1.5, "aggregate": "TAP"},
-                                 "tap_hyperparams": {"p_dropout_weights": 0.25}})
-    assert run.result == (3 * 32000, 48000, "TextAwareAttentionPooling", 0.25)
+                 config_updates={"audio_features": {"segment_length": 3, "hop_length": 1.5, "aggregate": aggregate},
+                                 "tap_hyperparams": {"p_dropout_weights": 0.25, "shared_norm": False}})
+    assert run.result == (3 * 32000, 48000, embeds_padding, pooling_class, 0.25, False)
+
+
+@pytest.mark.parametrize("projection, projection_parameters, groups", [
+    ("none", 0, ["audio_encoder", "audio_project", "sentence_encoder"]),
+    ("linear", 128 * 128 + 128, ["audio_encoder", "audio_project", "sentence_encoder", "sentence_project"])])
+def test_text_projection_is_published_empty_or_salsa_linear(data_dir, projection, projection_parameters, groups):
+    from experiments.ex_dcase24 import build_model, build_optimisation
+    from experiments.retrieval_module import RetrievalModule
+
+    @ex.command(unobserved=True)
+    def built_projection():
+        model = build_model()
+        text = ["a dog barks", "rain on a tin roof"]
+        unprojected = model.text_encoder(text)
+        module = RetrievalModule(model, build_optimisation(), "pair")
+        return (sum(p.numel() for p in model.text_projection.parameters()),
+                [group["name"] for group in module.parameter_groups()],
+                bool(model.encode_text(text).equal(unprojected)))
+
+    run = ex.run("built_projection", named_configs=["demo"], options={"--loglevel": "ERROR"},
+                 config_updates={"sentence_features": {"projection": projection},
+                                 "directories": {"data_dir": str(data_dir)}})
+    assert run.result == (projection_parameters, groups, projection == "none")
+
+
+def test_published_own_caption_protocol_trains_and_tests_end_to_end(data_dir):
+    run = run_demo(data_dir, audio_features__aggregate="TAP_own_caption", max_epochs=2, log_every_n_steps=1)
+    assert set(run.result) == {"mAP@10", "R@1", "R@5", "R@10"} and all(0 <= v <= 1 for v in run.result.values())
+    metrics_csv = next((Path(run.info["run_folder"]) / "logs").glob("*/metrics.csv")).read_text()
+    assert "lr-AdamW/tap" in metrics_csv and "val/mAP@10" in metrics_csv
 
 
 @pytest.mark.parametrize("frozen, train_dropout", [(False, False), (False, True), (True, True)])
@@ -216,13 +250,13 @@ def test_the_selected_weights_are_tested_and_the_others_logged(data_dir, monkeyp
     import experiments.ex_dcase24 as experiment
 
     calls = []
-    real = experiment.test_weights_of
+    real = experiment.evaluate_checkpoint
 
     def recording(trainer, module, loader, checkpoint, prefix):
         calls.append((Path(checkpoint).name, prefix))
         return real(trainer, module, loader, checkpoint, prefix)
 
-    monkeypatch.setattr(experiment, "test_weights_of", recording)
+    monkeypatch.setattr(experiment, "evaluate_checkpoint", recording)
     run = run_demo(data_dir, max_epochs=2, test_weights=test_weights)
     names = {"last": "last.ckpt", "best": Path(run.info["best_checkpoint"]).name}
     assert calls == [(names[test_weights], "test"), (names[other], f"test_{other}")]

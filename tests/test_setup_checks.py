@@ -44,7 +44,7 @@ def test_passt_weights_without_network_is_one_clear_error(monkeypatch, tmp_path)
     def offline(*args, **kwargs):
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
     monkeypatch.setattr(vit_helpers, "download_cached_file", offline)
-    with pytest.raises(RuntimeError, match=r"PaSST weights 'passt_s_swa_p16_128_ap476' could not be downloaded .*"
+    with pytest.raises(RuntimeError, match=r"PaSST weights 'passt_s_p16_s16_128_ap468' could not be downloaded .*"
                                            r"TORCH_HOME.*pretrained=False"):
         PasstEncoder("passt", pretrained=True)
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.pooling import OwnCaptionAttentionPooling, TextAwareAttentionPooling
+from models.pooling import OwnCaptionAttentionPooling, TextAwareAttentionPooling, masked_mean
 
 
 def make_inputs(captions=7, clips=5, windows=4, width=16, seed=0):
@@ -196,3 +196,15 @@ def test_training_with_attention_weight_dropout_keeps_the_output_bias_as_publish
         expected = F.normalize(tap.output_norm(tap.output(attended)), dim=-1)
     torch.testing.assert_close(pooled, expected)
     torch.testing.assert_close(pooled[:, 1], F.normalize(tap.output_norm(tap.output.bias), dim=-1).expand(7, -1))
+
+
+def test_mean_initialisation_starts_as_mean_pooling_of_the_normalised_windows():
+    tap = TextAwareAttentionPooling(16, dim=16, init="mean").double().eval()
+    text, windows, mask = make_inputs()
+    with torch.no_grad():
+        expected = F.normalize(tap.output_norm(masked_mean(tap.output_norm(windows), mask) + tap.output.bias),
+                               dim=-1)
+        torch.testing.assert_close(tap(text, windows, mask), expected.unsqueeze(0).expand(len(text), -1, -1))
+        torch.testing.assert_close(tap.score(text, windows, mask), F.normalize(text, dim=-1) @ expected.t())
+    with pytest.raises(ValueError, match="tap_hyperparams.init='zeros' is not one of random, mean"):
+        TextAwareAttentionPooling(16, init="zeros")
