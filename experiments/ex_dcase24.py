@@ -21,26 +21,22 @@ from sacred import Experiment
 from data_loaders.audio_cache import stale_clips
 from data_loaders.clotho_v2 import SPLITS, captions_csv, clotho_v2, load_split, read_captions
 from data_loaders.data_loader import data_loader, get_data_loader, get_dataset
+from experiments.config_schema import LEARNING_RATE_KEYS, TEST_WEIGHTS, validate_config
 from experiments.retrieval_module import OptimisationSettings, RetrievalModule
 from experiments.tracking import SacredMetrics, prepare_observer_options, route_mongo_failures
-from models.audio.passt import PasstEncoder, check_model_name, pretrained_weights_path
-from models.heads import TEXT_PROJECTIONS
-from models.losses import POSITIVE_WEIGHTINGS
-from models.pooling import (AGGREGATIONS, MeanPooling, OwnCaptionAttentionPooling, Pooling,
-                            TextAwareAttentionPooling, check_tap_hyperparams)
+from models.audio.passt import PasstEncoder, pretrained_weights_path
+from models.pooling import MeanPooling, OwnCaptionAttentionPooling, Pooling, TextAwareAttentionPooling
 from models.retrieval_model import RetrievalModel
-from models.text.transformer import PUNCTUATION_MODES, TextEncoder, resolve_text_model, text_model_available
+from models.text.transformer import TextEncoder, resolve_text_model, text_model_available
 from utils.directories import directories, get_data_dir
 from utils.metrics import chance_metrics
 from utils.paths import create_unique_folder
-from utils.schedule import save_schedule_plot, validate_schedule
+from utils.schedule import save_schedule_plot
 
 ex = Experiment("dcase24", ingredients=[directories, clotho_v2, data_loader])
-TRAIN_SETS = ("clothov2",)
 DEMO_AUDIO_MODEL = "passt_small"
 DEMO_TEXT_MODEL = "clotho_demo/roberta-tiny"
-LEARNING_RATE_KEYS = ("lr_audio_encoder", "lr_audio_project", "lr_sentence_encoder", "lr_sentence_project", "lr_tap")
-TEST_WEIGHTS = ("last", "best")
+COMMAND_OPTIONS = ("output",)  # arguments of commands (print_lr), not settings of the experiment
 POOLINGS = {"mean": MeanPooling, "TAP": TextAwareAttentionPooling, "TAP_own_caption": OwnCaptionAttentionPooling}
 
 
@@ -169,54 +165,22 @@ def lean_single_gpu():
     require_gpu = True
 
 
-def check_choice(key: str, value, choices: tuple) -> None:
-    if value not in choices:
-        raise ValueError(f"{key}={value!r} is not one of {', '.join(map(str, choices))}")
-
-
 def uses_cuda(accelerator: str) -> bool:
     return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
 
 
 @ex.capture
-def check_config(audio_features: dict, sentence_features: dict, tap_hyperparams: dict, train_on: str,
-                 max_epochs: int, warmup_length: float, rampdown_start: float, rampdown_stop: float, rampdown_type: str,
-                 min_lr: float, max_audio_seconds: float | None, clotho_v2: dict, data_loader: dict,
-                 positive_weighting: str, test_weights: str, _config: dict) -> None:
-    """Every cheap check on the configuration, so bad input fails before models or data load."""
-    check_model_name(audio_features["model"])
-    resolve_text_model(sentence_features["model"], get_data_dir())
-    check_choice("train_on", train_on, TRAIN_SETS)
-    check_choice("audio_features.aggregate", audio_features["aggregate"], AGGREGATIONS)
-    check_choice("sentence_features.punctuation", sentence_features["punctuation"], PUNCTUATION_MODES)
-    check_choice("sentence_features.projection", sentence_features["projection"], TEXT_PROJECTIONS)
-    check_choice("positive_weighting", positive_weighting, POSITIVE_WEIGHTINGS)
-    check_choice("test_weights", test_weights, TEST_WEIGHTS)
-    if audio_features["hop_length"] is not None and not audio_features["hop_length"] > 0:
-        raise ValueError(f"audio_features.hop_length={audio_features['hop_length']} must be > 0 seconds "
-                         f"(or None for the same as segment_length)")
-    if audio_features["aggregate"] != "mean":
-        check_tap_hyperparams(tap_hyperparams["dim"], tap_hyperparams["p_dropout_weights"],
-                              tap_hyperparams["p_dropout_proj"], tap_hyperparams["init"])
-    for key in LEARNING_RATE_KEYS:
-        if not _config[key] > 0:
-            raise ValueError(f"{key}={_config[key]} must be positive")
-    if min_lr < 0:
-        raise ValueError(f"min_lr={min_lr} must be >= 0")
-    for key in ("batch_size", "batch_size_eval"):
-        if data_loader[key] < 1:
-            raise ValueError(f"data_loader.{key}={data_loader[key]} must be >= 1")
-    if audio_features["segment_length"] > clotho_v2["clip_seconds"]:
-        raise ValueError(f"audio_features.segment_length={audio_features['segment_length']} s is longer than "
-                         f"the clip (clotho_v2.clip_seconds={clotho_v2['clip_seconds']} s)")
-    if max_audio_seconds is not None and not 0 < max_audio_seconds:
-        raise ValueError(f"max_audio_seconds={max_audio_seconds} must be positive (or None)")
-    validate_schedule(warmup_length, rampdown_start, rampdown_stop, rampdown_type, max_epochs)
+def check_config(_config: dict) -> None:
+    """The whole config against its schema (experiments/config_schema.py): every problem at once, before work."""
+    validate_config({key: value for key, value in _config.items() if key not in COMMAND_OPTIONS})
 
 
 @ex.capture
 def check_hardware(precision, accelerator: str, require_gpu: bool) -> None:
     """What training needs of the machine; separate from check_config so that print_lr runs anywhere."""
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"accelerator={accelerator!r} but no CUDA GPU is visible: run on a GPU machine, or set "
+                           f"accelerator=auto (or cpu) with precision=32")
     if str(precision).startswith("16") and not uses_cuda(accelerator):
         raise ValueError(f"precision={precision!r} (fp16 AMP, the published setting) needs a CUDA GPU, and "
                          f"accelerator={accelerator!r} runs on the CPU here: set precision=32 or bf16-mixed")

@@ -5,6 +5,7 @@ import torch
 
 RECALL_CUTOFFS = (1, 5, 10)
 MAP_CUTOFF = 10
+METRIC_NAMES = (*(f"R@{k}" for k in RECALL_CUTOFFS), f"mAP@{MAP_CUTOFF}")
 
 
 def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -12,11 +12,11 @@ def validate_schedule(warmup_length: float, rampdown_start: float, rampdown_stop
     if rampdown_type not in RAMPDOWN_TYPES:
         raise ValueError(f"rampdown_type={rampdown_type!r} is not one of {', '.join(RAMPDOWN_TYPES)}")
     if warmup_length < 0:
-        raise ValueError(f"warmup_length={warmup_length} must be >= 0 (epochs)")
+        raise ValueError(f"warmup_length={warmup_length:g} must be >= 0 (epochs)")
     if rampdown_stop < rampdown_start:
-        raise ValueError(f"rampdown_stop={rampdown_stop} comes before rampdown_start={rampdown_start}")
+        raise ValueError(f"rampdown_stop={rampdown_stop:g} comes before rampdown_start={rampdown_start:g}")
     if rampdown_start < warmup_length:
-        raise ValueError(f"rampdown_start={rampdown_start} is inside the warm-up (warmup_length={warmup_length})")
+        raise ValueError(f"rampdown_start={rampdown_start:g} is inside the warm-up (warmup_length={warmup_length:g})")
     if max_epochs < 1:
         raise ValueError(f"max_epochs={max_epochs} must be >= 1")
 

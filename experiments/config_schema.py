@@ -1,0 +1,221 @@
+"""The stage-1 configuration as one typed schema, checked before anything is loaded.
+
+Every key of the Sacred config must have a field here (unknown keys are errors), so a key cannot be
+added without its type, range and allowed values. All problems are reported at once, one line each:
+`dotted.key=value: what is allowed`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from models.audio.passt import PASST_VARIANTS
+from models.heads import TEXT_PROJECTIONS
+from models.losses import POSITIVE_WEIGHTINGS
+from models.pooling import AGGREGATIONS, TAP_INITS
+from models.text.transformer import PUNCTUATION_MODES, resolve_text_model
+from utils.metrics import METRIC_NAMES
+from utils.schedule import RAMPDOWN_TYPES, validate_schedule
+
+TRAIN_SETS = ("clothov2",)
+TEST_WEIGHTS = ("last", "best")
+PRECISIONS = ("16-mixed", "bf16-mixed", "32", "32-true", "bf16-true", "16-true", "64", "64-true", 16, 32, 64)
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+LEARNING_RATE_KEYS = ("lr_audio_encoder", "lr_audio_project", "lr_sentence_encoder", "lr_sentence_project", "lr_tap")
+
+Count = Annotated[int, Field(ge=1)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+Seconds = Annotated[float, Field(gt=0)]
+NonNegative = Annotated[float, Field(ge=0)]
+Positive = Annotated[float, Field(gt=0)]
+Probability = Annotated[float, Field(ge=0, lt=1)]
+
+
+NONE_MEANS = {"audio_features.hop_length": "the same as segment_length", "max_audio_seconds": "the whole clip",
+              "gradient_clip_val": "no clipping"}
+
+
+class ConfigError(ValueError):
+    """One or more configuration problems, one line each."""
+
+
+class Section(BaseModel):
+    # strict: no silent conversions ("3" is not 3, True is not 1); ints are accepted where floats are expected
+    model_config = ConfigDict(strict=True, extra="forbid", populate_by_name=True)
+
+
+class PasstConfig(Section):
+    s_patchout_t: NonNegativeInt
+    s_patchout_f: NonNegativeInt
+    freqm: NonNegativeInt
+    timem: NonNegativeInt
+    pretrained: bool
+    frozen: bool
+
+
+class AudioFeatures(Section):
+    model: Literal[tuple(PASST_VARIANTS)]
+    segment_length: Seconds
+    hop_length: Optional[Seconds]
+    aggregate: Literal[AGGREGATIONS]
+    passt: PasstConfig = Field(alias="model_config")
+
+
+class SentenceFeatures(Section):
+    model: str
+    max_sentence_tokens: Count
+    lowercase: bool
+    remove_punctuation: bool
+    punctuation: Literal[PUNCTUATION_MODES]
+    train_dropout: bool
+    projection: Literal[TEXT_PROJECTIONS]
+    frozen: bool
+
+
+class TapHyperparams(Section):
+    dim: Count
+    p_dropout_weights: Probability
+    p_dropout_proj: Probability
+    shared_norm: bool
+    init: Literal[TAP_INITS]
+
+
+class ClothoV2(Section):
+    folder_name: str
+    add_phi4_captions: bool
+    phi4_captions_file: str
+    clip_seconds: Seconds
+    sample_rate: Count
+
+
+class DataLoaderConfig(Section):
+    batch_size: Count
+    batch_size_eval: Count
+    n_workers: NonNegativeInt
+
+
+class Directories(Section):
+    data_dir: str
+
+
+class Stage1Config(Section):
+    audio_features: AudioFeatures
+    sentence_features: SentenceFeatures
+    tap_hyperparams: TapHyperparams
+    clotho_v2: ClothoV2
+    data_loader: DataLoaderConfig
+    directories: Directories
+    stand_in_models: bool
+    train_on: Literal[TRAIN_SETS]
+    max_epochs: Count
+    warmup_length: NonNegative
+    rampdown_start: NonNegative
+    rampdown_stop: NonNegative
+    rampdown_type: Literal[RAMPDOWN_TYPES]
+    lr_audio_encoder: Positive
+    lr_audio_project: Positive
+    lr_sentence_encoder: Positive
+    lr_sentence_project: Positive
+    lr_tap: Positive
+    min_lr: NonNegative
+    weight_decay: NonNegative
+    initial_tau: Positive
+    freeze_tau: bool
+    positive_weighting: Literal[POSITIVE_WEIGHTINGS]
+    shared_representation_size: Count
+    normalize: bool
+    precision: Any
+    accumulate_grad_batches: Count
+    gradient_clip_val: Optional[NonNegative]
+    max_audio_seconds: Optional[Seconds]
+    accelerator: Literal[ACCELERATORS]
+    devices: Any
+    log_every_n_steps: Count
+    monitor: Literal[METRIC_NAMES]
+    test_weights: Literal[TEST_WEIGHTS]
+    require_gpu: bool
+    use_wandb: bool
+    wandb_project: str
+    wandb_entity: Optional[str]
+    run_name: Optional[str]
+    load_parameters: Optional[str]
+    resume_training: Optional[str]
+    seed: int
+
+    @field_validator("precision")
+    @classmethod
+    def known_precision(cls, value: Any) -> Any:
+        if value not in PRECISIONS or isinstance(value, bool):
+            raise ValueError(f"expected one of {', '.join(map(repr, PRECISIONS))}")
+        return value
+
+    @field_validator("devices")
+    @classmethod
+    def device_selection(cls, value: Any) -> Any:
+        valid = (value == "auto" or (type(value) is int and (value >= 1 or value == -1))
+                 or (isinstance(value, (list, tuple)) and value and all(type(i) is int and i >= 0 for i in value)))
+        if not valid:
+            raise ValueError("expected a number of devices >= 1 (-1: all), 'auto', or a list of device indices")
+        return value
+
+
+def problem_line(error: dict) -> str:
+    key = ".".join(map(str, error["loc"]))  # pydantic reports aliases, so `model_config` stays as users write it
+    if error["type"] == "extra_forbidden":
+        return f"{key}: unknown key (not a setting of this experiment; check the spelling)"
+    if error["type"] == "missing":
+        return f"{key}: missing"
+    if error["type"] == "literal_error":
+        return f"{key}={error['input']!r}: expected one of {error['ctx']['expected']}"
+    message = error["msg"].removeprefix("Value error, ")
+    message = message.replace("Input should be", "expected").replace("less than", "<").replace(
+        "greater than or equal to", ">=").replace("greater than", ">")
+    none_means = f" (or None: {NONE_MEANS[key]})" if key in NONE_MEANS else ""
+    return f"{key}={error['input']!r}: {message}{none_means}"
+
+
+def cross_key_problems(config: Stage1Config) -> list[str]:
+    """Rules across keys and against the file system, each an independent line."""
+    problems = []
+    audio, clotho = config.audio_features, config.clotho_v2
+    try:
+        validate_schedule(config.warmup_length, config.rampdown_start, config.rampdown_stop, config.rampdown_type,
+                          config.max_epochs)
+    except ValueError as error:
+        problems.append(str(error))
+    peaks = {key: getattr(config, key) for key in LEARNING_RATE_KEYS if key != "lr_tap" or audio.aggregate != "mean"}
+    lowest = min(peaks, key=peaks.get)
+    if config.min_lr >= peaks[lowest]:
+        problems.append(f"min_lr={config.min_lr:g} is not below {lowest}={peaks[lowest]:g}: the schedule could not "
+                        f"fall from its peak; set min_lr lower (published: 1e-07)")
+    encoder_seconds = PASST_VARIANTS["passt_small" if config.stand_in_models else audio.model].max_window_seconds
+    if audio.segment_length > clotho.clip_seconds:
+        problems.append(f"audio_features.segment_length={audio.segment_length:g} s is longer than the clip "
+                        f"(clotho_v2.clip_seconds={clotho.clip_seconds:g} s)")
+    elif audio.segment_length > encoder_seconds:
+        problems.append(f"audio_features.segment_length={audio.segment_length:g} s is longer than "
+                        f"audio_features.model={audio.model!r} accepts ({encoder_seconds:g} s)")
+    try:
+        resolve_text_model(config.sentence_features.model, config.directories.data_dir)
+    except ValueError as error:
+        problems.append(str(error))
+    for key in ("load_parameters", "resume_training"):
+        path = getattr(config, key)
+        if path is not None and not Path(path).expanduser().is_file():
+            problems.append(f"{key}={path!r}: checkpoint file not found")
+    return problems
+
+
+def validate_config(config: dict) -> Stage1Config:
+    """The typed config, or ConfigError listing every problem (types and ranges first, then cross-key rules)."""
+    try:
+        checked = Stage1Config.model_validate(config)
+    except ValidationError as error:
+        lines = [problem_line(problem) for problem in error.errors()]
+        raise ConfigError(f"{len(lines)} configuration problem(s):\n  " + "\n  ".join(lines)) from None
+    lines = cross_key_problems(checked)
+    if lines:
+        raise ConfigError(f"{len(lines)} configuration problem(s):\n  " + "\n  ".join(lines))
+    return checked

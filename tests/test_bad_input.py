@@ -1,0 +1,95 @@
+"""Bad input fails before any work with a message naming the key, file or flag, and what is expected."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from experiments.config_schema import ConfigError
+from tests.test_experiment import run_demo
+
+CONFIG_CASES = [
+    ({"audio_features__model": "cnn14"}, ConfigError, "audio_features.model='cnn14': expected one of 'passt', "
+                                                      "'passt_s', 'passt_s_swa' or 'passt_small'"),
+    ({"sentence_features__model": "gpt-9"}, ConfigError, "sentence_features.model='gpt-9' is unknown: choose one of"),
+    ({"audio_features__segment_length": 40}, ConfigError, "segment_length=40 s is longer than the clip"),
+    ({"stand_in_models": False, "audio_features__model": "passt", "audio_features__segment_length": 20},
+     ConfigError, "segment_length=20 s is longer than audio_features.model='passt' accepts .10 s."),
+    ({"audio_features__aggregate": "max"}, ConfigError,
+     "audio_features.aggregate='max': expected one of 'mean', 'TAP' or 'TAP_own_caption'"),
+    ({"audio_features__hop_length": 0}, ConfigError,
+     r"audio_features.hop_length=0: expected > 0 \(or None: the same as segment_length\)"),
+    ({"audio_features__model_config__freqm": -8}, ConfigError, "audio_features.model_config.freqm=-8: expected >= 0"),
+    ({"audio_features__model_config__pretrained": "yes"}, ConfigError,
+     "audio_features.model_config.pretrained='yes': expected a valid boolean"),
+    ({"sentence_features__punctuation": "drop"}, ConfigError,
+     "sentence_features.punctuation='drop': expected one of 'delete' or 'space'"),
+    ({"sentence_features__projection": "mlp"}, ConfigError, "sentence_features.projection='mlp': expected one of"),
+    ({"sentence_features__max_sentence_tokens": 0}, ConfigError, "max_sentence_tokens=0: expected >= 1"),
+    ({"test_weights": "first"}, ConfigError, "test_weights='first': expected one of 'last' or 'best'"),
+    ({"positive_weighting": "mean"}, ConfigError, "positive_weighting='mean': expected one of 'pair' or 'row'"),
+    ({"lr_audio_encoder": 0}, ConfigError, "lr_audio_encoder=0: expected > 0"),
+    ({"min_lr": 1.0}, ConfigError, "min_lr=1 is not below lr_audio_encoder=0.001"),
+    ({"data_loader__batch_size": 0}, ConfigError, "data_loader.batch_size=0: expected >= 1"),
+    ({"data_loader__batch_size": 2.5}, ConfigError, "data_loader.batch_size=2.5: expected a valid integer"),
+    ({"data_loader__n_workers": -1}, ConfigError, "data_loader.n_workers=-1: expected >= 0"),
+    ({"max_epochs": "abc"}, ConfigError, "max_epochs='abc': expected a valid integer"),
+    ({"max_epochs": True}, ConfigError, "max_epochs=True: expected a valid integer"),
+    ({"rampdown_start": 5, "rampdown_stop": 3}, ConfigError, "rampdown_stop=3 comes before rampdown_start=5"),
+    ({"rampdown_type": "exp"}, ConfigError, "rampdown_type='exp': expected one of 'cosine', 'linear' or 'step'"),
+    ({"train_on": "audiocaps"}, ConfigError, "train_on='audiocaps': expected one of 'clothov2'"),
+    ({"tap_hyperparams__dim": 0}, ConfigError, "tap_hyperparams.dim=0: expected >= 1"),
+    ({"tap_hyperparams__p_dropout_weights": 1.0}, ConfigError, "tap_hyperparams.p_dropout_weights=1.0: expected < 1"),
+    ({"tap_hyperparams__init": "zeros"}, ConfigError, "tap_hyperparams.init='zeros': expected one of 'random'"),
+    ({"monitor": "accuracy"}, ConfigError, "monitor='accuracy': expected one of 'R@1', 'R@5', 'R@10' or 'mAP@10'"),
+    ({"clotho_v2__clip_seconds": -1}, ConfigError, "clotho_v2.clip_seconds=-1: expected > 0"),
+    ({"max_audio_seconds": 0}, ConfigError, r"max_audio_seconds=0: expected > 0 \(or None: the whole clip\)"),
+    ({"initial_tau": 0}, ConfigError, "initial_tau=0: expected > 0"),
+    ({"devices": 0}, ConfigError, "devices=0: expected a number of devices >= 1"),
+    ({"precision": "bf17"}, ConfigError, "precision='bf17': expected one of '16-mixed', 'bf16-mixed'"),
+    ({"load_parameters": "/missing.ckpt"}, ConfigError, "load_parameters='/missing.ckpt': checkpoint file not found"),
+    ({"resume_training": "/missing/last.ckpt"}, ConfigError,
+     "resume_training='/missing/last.ckpt': checkpoint file not found"),
+    ({"precision": "16-mixed"}, ValueError, "precision='16-mixed' .* needs a CUDA GPU"),
+    ({"clotho_v2__folder_name": "absent"}, FileNotFoundError, "Clotho folder not found: .*absent"),
+]
+if not torch.cuda.is_available():
+    CONFIG_CASES.append(({"accelerator": "gpu"}, RuntimeError, "accelerator='gpu' but no CUDA GPU is visible"))
+
+
+@pytest.mark.parametrize("updates, error, message", CONFIG_CASES)
+def test_bad_config_fails_before_training(data_dir, updates, error, message):
+    with pytest.raises(error, match=message):
+        run_demo(data_dir, **updates)
+    assert not (data_dir / "runs").exists()  # nothing trained, no run folder
+
+
+def test_every_config_problem_is_reported_at_once_one_line_each(data_dir):
+    with pytest.raises(ConfigError) as raised:
+        run_demo(data_dir, max_epochs="abc", monitor="accuracy", data_loader__batch_size=2.5,
+                 audio_features__hop_length=0, tap_hyperparams__p_dropout_proj=-0.1)
+    lines = str(raised.value).splitlines()
+    assert lines[0] == "5 configuration problem(s):"
+    assert sorted(line.strip().split("=")[0] for line in lines[1:]) == [
+        "audio_features.hop_length", "data_loader.batch_size", "max_epochs", "monitor", "tap_hyperparams.p_dropout_proj"]
+
+
+def test_cross_key_rules_are_reported_together(data_dir):
+    with pytest.raises(ConfigError) as raised:
+        run_demo(data_dir, min_lr=1.0, rampdown_start=20, audio_features__segment_length=35)
+    message = str(raised.value)
+    assert message.startswith("3 configuration problem(s):")
+    assert "rampdown_stop=14" in message and "min_lr=1 " in message and "segment_length=35" in message
+
+
+def test_schema_covers_every_key_of_the_config():
+    # A key added to the config without a field in the schema is an error naming it, so no key goes unchecked.
+    from experiments.config_schema import validate_config
+    from experiments.ex_dcase24 import ex
+
+    config = dict(ex.run("print_config", options={"--loglevel": "ERROR"}).config)
+    config["directories"] = {"data_dir": "/tmp"}
+    validate_config(config)
+    with pytest.raises(ConfigError, match="new_setting: unknown key"):
+        validate_config({**config, "new_setting": 1})
+    with pytest.raises(ConfigError, match="clotho_v2.new_setting: unknown key"):
+        validate_config({**config, "clotho_v2": {**config["clotho_v2"], "new_setting": 1}})
