@@ -7,7 +7,9 @@ build leaves the previous cache (or none), never a half-written one.
 """
 from __future__ import annotations
 
+import math
 import os
+import warnings
 from pathlib import Path
 
 import h5py
@@ -41,16 +43,35 @@ def _dataset_key(file_name: str) -> str:
     return file_name.replace("/", "%2F")
 
 
+def decoded_length(path: Path, sample_rate: int) -> int:
+    """Samples `decode_audio` returns for a file, from its header alone (resampling rounds up)."""
+    info = soundfile.info(str(path))
+    return info.frames if info.samplerate == sample_rate else math.ceil(info.frames * sample_rate / info.samplerate)
+
+
 def stale_clips(cache_path: Path, audio_folder: Path, file_names: list[str], sample_rate: int) -> list[str]:
-    """Clips the cache lacks or holds from an older source file; all of them if the rate differs."""
+    """Clips the cache lacks, holds from an older source file, or holds at the wrong length; all of them if the
+    rate differs or the file cannot be opened (a killed copy, a full disk), each repair announced in one line."""
     if not cache_path.is_file():
         return list(file_names)
-    with h5py.File(cache_path, "r") as cache:
+    try:
+        cache = h5py.File(cache_path, "r")
+    except OSError as error:
+        warnings.warn(f"audio cache {cache_path} cannot be opened ({error}); rebuilding it", stacklevel=2)
+        return list(file_names)
+    with cache:
         if cache.attrs.get("sample_rate") != sample_rate:
             return list(file_names)
-        return [name for name in file_names
-                if _dataset_key(name) not in cache
-                or cache[_dataset_key(name)].attrs.get("source") != source_fingerprint(audio_folder / name)]
+        stale = []
+        for name in file_names:
+            key, source = _dataset_key(name), audio_folder / name
+            if key not in cache or cache[key].attrs.get("source") != source_fingerprint(source):
+                stale.append(name)
+            elif cache[key].shape != (decoded_length(source, sample_rate),):
+                warnings.warn(f"audio cache {cache_path}: clip {name!r} holds {cache[key].shape} samples, its source "
+                              f"decodes to {decoded_length(source, sample_rate)}; decoding it again", stacklevel=2)
+                stale.append(name)
+        return stale
 
 
 class _DecodeJobs(torch.utils.data.Dataset):

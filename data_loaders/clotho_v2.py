@@ -4,7 +4,9 @@ The `clotho_v2` ingredient names the dataset folder and what to read from it.
 """
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,29 +47,41 @@ def metadata_csv(folder: Path, clotho_split: str) -> Path:
     return folder / f"clotho_metadata_{clotho_split}.csv"
 
 
+def csv_rows(path: Path, encoding: str) -> csv.DictReader:
+    """A CSV reader that accepts a UTF-8 byte-order mark (spreadsheet exports write one) in any encoding."""
+    raw = path.read_bytes()
+    if raw.startswith(codecs.BOM_UTF8):
+        raw, encoding = raw[len(codecs.BOM_UTF8):], "utf-8"
+    try:
+        text = raw.decode(encoding)
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not {encoding} text (byte {error.start}: {raw[error.start:error.start + 1]!r}); "
+                         f"save it as UTF-8") from None
+    return csv.DictReader(io.StringIO(text, newline=""))
+
+
 def read_captions(path: Path, captions_per_clip: int = CAPTIONS_PER_CLIP) -> list[ClipCaptions]:
     """Rows of `file_name, caption_1..caption_N`, in file order; errors name the file and row."""
     if not path.is_file():
         raise FileNotFoundError(f"captions CSV not found: {path}; {GET_DATA_HINT}")
     expected = ["file_name"] + [f"caption_{i}" for i in range(1, captions_per_clip + 1)]
-    with open(path, newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        missing = [column for column in expected if column not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{path}: missing column(s) {', '.join(missing)}; expected {', '.join(expected)}")
-        clips, seen = [], set()
-        for row_number, row in enumerate(reader, start=2):
-            file_name = (row["file_name"] or "").strip()
-            if not file_name:
-                raise ValueError(f"{path}, row {row_number}: empty file_name")
-            if file_name in seen:
-                raise ValueError(f"{path}, row {row_number}: {file_name!r} appears twice")
-            captions = tuple((row[column] or "").strip() for column in expected[1:])
-            empty = [column for column, caption in zip(expected[1:], captions) if not caption]
-            if empty:
-                raise ValueError(f"{path}, row {row_number} ({file_name}): empty {', '.join(empty)}")
-            seen.add(file_name)
-            clips.append(ClipCaptions(file_name, captions))
+    reader = csv_rows(path, "utf-8")
+    missing = [column for column in expected if column not in (reader.fieldnames or [])]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {', '.join(missing)}; expected {', '.join(expected)}")
+    clips, seen = [], set()
+    for row_number, row in enumerate(reader, start=2):
+        file_name = (row["file_name"] or "").strip()
+        if not file_name:
+            raise ValueError(f"{path}, row {row_number}: empty file_name")
+        if file_name in seen:
+            raise ValueError(f"{path}, row {row_number}: {file_name!r} appears twice")
+        captions = tuple((row[column] or "").strip() for column in expected[1:])
+        empty = [column for column, caption in zip(expected[1:], captions) if not caption]
+        if empty:
+            raise ValueError(f"{path}, row {row_number} ({file_name}): empty {', '.join(empty)}")
+        seen.add(file_name)
+        clips.append(ClipCaptions(file_name, captions))
     if not clips:
         raise ValueError(f"{path}: no rows")
     return clips
@@ -77,13 +91,12 @@ def read_metadata(path: Path) -> dict[str, list[str]]:
     """file_name -> keywords, from Clotho's ISO-8859-1 metadata CSV (keywords are ';'-separated)."""
     if not path.is_file():
         raise FileNotFoundError(f"metadata CSV not found: {path}; {GET_DATA_HINT}")
-    with open(path, newline="", encoding="ISO-8859-1") as handle:
-        reader = csv.DictReader(handle)
-        for column in ("file_name", "keywords"):
-            if column not in (reader.fieldnames or []):
-                raise ValueError(f"{path}: missing column {column!r}")
-        return {row["file_name"].strip(): [k.strip() for k in (row["keywords"] or "").split(";") if k.strip()]
-                for row in reader}
+    reader = csv_rows(path, "ISO-8859-1")
+    for column in ("file_name", "keywords"):
+        if column not in (reader.fieldnames or []):
+            raise ValueError(f"{path}: missing column {column!r}")
+    return {row["file_name"].strip(): [k.strip() for k in (row["keywords"] or "").split(";") if k.strip()]
+            for row in reader}
 
 
 def read_augmented_captions(path: Path, development: list[ClipCaptions]) -> list[ClipCaptions]:

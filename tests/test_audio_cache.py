@@ -73,3 +73,37 @@ def test_interrupted_build_leaves_previous_cache_trusted(audio_folder, tmp_path)
     with h5py.File(cache_path) as cache:
         assert sorted(cache) == ["clip 0.wav", "clip 1.wav"]
     assert stale_clips(cache_path, audio_folder, names(audio_folder), 32000) == ["clip 2.wav"]
+
+
+@pytest.mark.parametrize("frames, source_rate", [(44101, 44100), (16001, 16000), (48007, 48000), (32003, 32000)])
+def test_decoded_length_from_the_header_matches_decoding(tmp_path, frames, source_rate):
+    path = tmp_path / "odd.wav"
+    soundfile.write(path, np.random.default_rng(0).uniform(-0.5, 0.5, frames), source_rate)
+    assert audio_cache.decoded_length(path, 32000) == len(audio_cache.decode_audio(path, 32000))
+
+
+def test_truncated_cache_is_named_and_rebuilt(audio_folder, tmp_path, monkeypatch):
+    cache_path = tmp_path / "development.h5"
+    build_cache(cache_path, audio_folder, names(audio_folder), 32000)
+    expected = AudioCache(cache_path).read("clip 2.wav")
+    cache_path.write_bytes(cache_path.read_bytes()[: cache_path.stat().st_size // 2])  # copied half-way
+    with pytest.raises(OSError):
+        h5py.File(cache_path, "r")
+    decoded = count_decodes(monkeypatch)
+    with pytest.warns(UserWarning, match=f"audio cache {cache_path} cannot be opened .*; rebuilding it"):
+        build_cache(cache_path, audio_folder, names(audio_folder), 32000)
+    assert sorted(decoded) == names(audio_folder)
+    np.testing.assert_array_equal(AudioCache(cache_path).read("clip 2.wav"), expected)
+
+
+def test_clip_of_the_wrong_length_is_decoded_again(audio_folder, tmp_path, monkeypatch):
+    cache_path = tmp_path / "development.h5"
+    build_cache(cache_path, audio_folder, names(audio_folder), 32000)
+    with h5py.File(cache_path, "a") as cache:  # same source stamp, but half the samples (a damaged write)
+        source = cache["clip 1.wav"].attrs["source"]
+        del cache["clip 1.wav"]
+        cache.create_dataset("clip 1.wav", data=np.zeros(32000, dtype=np.float32)).attrs["source"] = source
+    decoded = count_decodes(monkeypatch)
+    with pytest.warns(UserWarning, match=r"clip 'clip 1.wav' holds \(32000,\) samples, its source decodes to 64000"):
+        build_cache(cache_path, audio_folder, names(audio_folder), 32000)
+    assert decoded == ["clip 1.wav"] and AudioCache(cache_path).length("clip 1.wav") == 64000

@@ -48,6 +48,23 @@ def test_caption_errors_name_file_and_row(tmp_path):
         read_captions(tmp_path / "nowhere.csv")
 
 
+@pytest.mark.parametrize("name", ["clotho_captions_development.csv", "clotho_metadata_development.csv"])
+def test_spreadsheet_exports_with_a_byte_order_mark_are_read(data_dir, name):
+    path = data_dir / "clotho_demo" / name
+    reader = read_captions if "captions" in name else read_metadata
+    plain = reader(path)
+    text = path.read_bytes().decode("utf-8" if "captions" in name else "ISO-8859-1")
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))  # what a spreadsheet's "CSV UTF-8" export writes
+    assert reader(path) == plain
+
+
+def test_captions_that_are_not_utf8_are_named(tmp_path):
+    path = tmp_path / "latin.csv"
+    path.write_bytes("file_name,caption_1\nj.wav,J\u00fcrgen speaks\n".encode("ISO-8859-1"))
+    with pytest.raises(ValueError, match=r"latin.csv: not utf-8 text \(byte 27: b'\\xfc'\); save it as UTF-8"):
+        read_captions(path, captions_per_clip=1)
+
+
 def test_missing_audio_is_named(data_dir):
     folder = data_dir / "clotho_demo"
     clips = read_captions(folder / "clotho_captions_validation.csv")
