@@ -29,6 +29,7 @@ from models.pooling import MeanPooling, OwnCaptionAttentionPooling, Pooling, Tex
 from models.retrieval_model import RetrievalModel
 from models.text.transformer import TextEncoder, resolve_text_model, text_model_available
 from utils.directories import directories, get_data_dir
+from utils.checkpoints import load_model_weights, read_checkpoint
 from utils.metrics import chance_metrics
 from utils.paths import create_unique_folder
 from utils.schedule import save_schedule_plot
@@ -370,18 +371,21 @@ def train_and_evaluate(load_parameters: str | None, resume_training: str | None,
                        positive_weighting: str, _run) -> dict[str, float]:
     """Trains, then tests the weights `test_weights` selects (and logs the other's metrics as test_<other>/*).
 
-    Checks run in the order that costs least when they fail: config, data files, weights, then models.
+    Checks run in the order that costs least when they fail: config, data files, checkpoints, weights, then models.
     """
     check_config()
     check_hardware()
     for split in SPLITS:
         load_split(split)
+    if load_parameters:
+        read_checkpoint(load_parameters, "load_parameters")
+    if resume_training:
+        read_checkpoint(resume_training, "resume_training", needs=("state_dict", "optimizer_states", "loops"))
     check_weights()
     L.seed_everything(seed, workers=True)
     model = build_model()
     if load_parameters:
-        state = torch.load(load_parameters, map_location="cpu", weights_only=False)["state_dict"]
-        model.load_state_dict({key.removeprefix("model."): value for key, value in state.items()})
+        load_model_weights(model, load_parameters)
     loaders = build_data_loaders()
     module = RetrievalModule(model, build_optimisation(), positive_weighting)
     folder = run_folder()

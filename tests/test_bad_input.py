@@ -1,6 +1,8 @@
 """Bad input fails before any work with a message naming the key, file or flag, and what is expected."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -93,3 +95,42 @@ def test_schema_covers_every_key_of_the_config():
         validate_config({**config, "new_setting": 1})
     with pytest.raises(ConfigError, match="clotho_v2.new_setting: unknown key"):
         validate_config({**config, "clotho_v2": {**config["clotho_v2"], "new_setting": 1}})
+
+
+@pytest.mark.parametrize("key", ["load_parameters", "resume_training"])
+def test_a_file_that_is_not_a_checkpoint_is_named(data_dir, key):
+    text = data_dir / "notes.ckpt"
+    text.write_text("not a checkpoint")
+    with pytest.raises(ValueError, match=f"{key}='{text}' is not a PyTorch checkpoint"):
+        run_demo(data_dir, **{key: str(text)})
+    weights_only = data_dir / "weights.ckpt"
+    torch.save({"weights": torch.zeros(2)}, weights_only)
+    with pytest.raises(ValueError, match=f"{key}='{weights_only}' is not a Lightning checkpoint of this "
+                                         r"experiment: no state_dict.* \(found: weights\)"):
+        run_demo(data_dir, **{key: str(weights_only)})
+    assert not (data_dir / "runs").exists()
+
+
+def test_checkpoint_of_another_model_lists_the_weights_that_do_not_fit(data_dir):
+    first = run_demo(data_dir)
+    checkpoint = str(Path(first.info["run_folder"]) / "checkpoints" / "last.ckpt")
+    second = run_demo(data_dir, load_parameters=checkpoint, max_epochs=1)  # same model: loads and trains
+    assert set(second.result) == {"mAP@10", "R@1", "R@5", "R@10"}
+    runs_before = sorted((data_dir / "runs").iterdir())
+    with pytest.raises(ValueError, match=r"does not fit this model .*weights 14 missing: pooling\.output_norm"):
+        run_demo(data_dir, load_parameters=checkpoint, audio_features__aggregate="TAP")
+    assert sorted((data_dir / "runs").iterdir()) == runs_before  # nothing trained
+
+
+def test_loaded_weights_equal_the_checkpoint():
+    from utils.checkpoints import load_model_weights
+
+    source, target = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    path = Path(__import__("tempfile").mkdtemp()) / "lightning.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in source.state_dict().items()}}, path)
+    load_model_weights(target, path)
+    assert torch.equal(target.weight, source.weight) and torch.equal(target.bias, source.bias)
+    torch.save({"state_dict": {"model.weight": source.weight[:1], "model.extra": source.bias}}, path)
+    with pytest.raises(ValueError, match=r"1 missing: bias; 1 unexpected: extra; 1 of another shape: weight \(1, 3\) "
+                                         r"vs \(2, 3\)"):
+        load_model_weights(target, path)
