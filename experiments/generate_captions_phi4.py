@@ -29,6 +29,7 @@ import ollama
 from tqdm import tqdm
 
 from data_loaders.clotho_v2 import PHI4_CAPTIONS_FILE, ClipCaptions, read_captions, read_metadata
+from utils.cli import bounded
 from utils.paths import default_data_dir
 
 GENERATED_PER_CLIP = 5
@@ -166,27 +167,33 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--host", default=os.environ.get("OLLAMA_HOST") or "http://127.0.0.1:11434",
                         help="Ollama server (OLLAMA_HOST)")
     parser.add_argument("--model", default="phi4")
-    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--temperature", type=bounded(float, 0), default=0.8)
     parser.add_argument("--seed", type=int, default=None, help="generation seed (Ollama option)")
-    parser.add_argument("--max-words", type=int, default=20)
-    parser.add_argument("--concurrency", type=int, default=4, help="requests in flight")
-    parser.add_argument("--retries", type=int, default=4, help="extra attempts per clip")
-    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
-    parser.add_argument("--backoff", type=float, default=1.0, help="first back-off in seconds, doubled per retry")
-    parser.add_argument("--limit", type=int, help="only the first N clips (a trial)")
+    parser.add_argument("--max-words", type=bounded(int, 1), default=20)
+    parser.add_argument("--concurrency", type=bounded(int, 1), default=4, help="requests in flight")
+    parser.add_argument("--retries", type=bounded(int, 0), default=4, help="extra attempts per clip")
+    parser.add_argument("--timeout", type=bounded(float, 0, inclusive=False), default=300.0,
+                        help="seconds per request")
+    parser.add_argument("--backoff", type=bounded(float, 0), default=1.0,
+                        help="first back-off in seconds, doubled per retry")
+    parser.add_argument("--limit", type=bounded(int, 1), help="only the first N clips (a trial)")
     args = parser.parse_args(argv)
     args.metadata = args.metadata or args.captions.with_name("clotho_metadata_development.csv")
     args.output = args.output or args.captions.with_name(PHI4_CAPTIONS_FILE)
     args.progress = args.progress or args.output.with_name(args.output.name + ".progress.jsonl")
-    if args.concurrency < 1 or args.retries < 0 or args.max_words < 1:
-        parser.error("--concurrency and --max-words must be >= 1, --retries >= 0")
+    for flag, path in (("--output", args.output), ("--progress", args.progress)):
+        if not path.parent.is_dir():
+            parser.error(f"{flag} {path}: folder {path.parent} does not exist (create it first)")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(argv)
-    clips = read_captions(args.captions)[:args.limit]
-    keywords = read_metadata(args.metadata)
+    try:
+        clips = read_captions(args.captions)[:args.limit]
+        keywords = read_metadata(args.metadata)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"error: {error}") from None
     missing = [clip.file_name for clip in clips if clip.file_name not in keywords]
     if missing:
         raise SystemExit(f"error: {args.metadata} has no row for {len(missing)} clip(s) of {args.captions}, "

@@ -134,3 +134,46 @@ def test_loaded_weights_equal_the_checkpoint():
     with pytest.raises(ValueError, match=r"1 missing: bias; 1 unexpected: extra; 1 of another shape: weight \(1, 3\) "
                                          r"vs \(2, 3\)"):
         load_model_weights(target, path)
+
+
+GENERATOR_CASES = [
+    (["--concurrency", "0"], "argument --concurrency: expected a value >= 1, got '0'"),
+    (["--concurrency", "two"], "argument --concurrency: expected an integer >= 1, got 'two'"),
+    (["--limit", "-3"], "argument --limit: expected a value >= 1, got '-3'"),
+    (["--limit", "0"], "argument --limit: expected a value >= 1, got '0'"),
+    (["--retries", "-1"], "argument --retries: expected a value >= 0, got '-1'"),
+    (["--timeout", "0"], "argument --timeout: expected a value > 0, got '0'"),
+    (["--temperature", "hot"], "argument --temperature: expected a number >= 0, got 'hot'"),
+    (["--max-words", "0"], "argument --max-words: expected a value >= 1, got '0'"),
+    (["--output", "/no/such/folder/out.csv"], "--output /no/such/folder/out.csv: folder /no/such/folder does not exist"),
+]
+
+
+@pytest.mark.parametrize("flags, message", GENERATOR_CASES)
+def test_bad_caption_generator_flags_stop_before_any_request(data_dir, capsys, flags, message):
+    from experiments.generate_captions_phi4 import main
+    from tests.ollama_server import ScriptedOllama
+
+    captions = data_dir / "clotho_demo" / "clotho_captions_development.csv"
+    with ScriptedOllama() as server:
+        with pytest.raises(SystemExit) as exited:
+            main(["--captions", str(captions), "--host", server.host, *flags])
+        assert exited.value.code == 2 and message in capsys.readouterr().err
+        assert server.requests == []
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda path: path.unlink(), "captions CSV not found: .*clotho_captions_development.csv"),
+    (lambda path: path.write_text("name,text\na.wav,hello\n"), "clotho_captions_development.csv: missing column"),
+    (lambda path: path.write_bytes(b"file_name,caption_1\nj.wav,J\xfcrgen\n"), "clotho_captions_development.csv: not utf-8 text"),
+])
+def test_unreadable_captions_for_the_generator_are_one_line_before_any_request(data_dir, damage, message):
+    from experiments.generate_captions_phi4 import main
+    from tests.ollama_server import ScriptedOllama
+
+    captions = data_dir / "clotho_demo" / "clotho_captions_development.csv"
+    damage(captions)
+    with ScriptedOllama() as server:
+        with pytest.raises(SystemExit, match=f"error: .*{message}"):
+            main(["--captions", str(captions), "--host", server.host])
+        assert server.requests == []
