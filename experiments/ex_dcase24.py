@@ -23,13 +23,14 @@ from data_loaders.clotho_v2 import SPLITS, captions_csv, clotho_v2, load_split, 
 from data_loaders.data_loader import data_loader, get_data_loader, get_dataset
 from experiments.config_schema import LEARNING_RATE_KEYS, TEST_WEIGHTS, validate_config
 from experiments.retrieval_module import OptimisationSettings, RetrievalModule
-from experiments.tracking import SacredMetrics, prepare_observer_options, route_mongo_failures
+from experiments.tracking import (SacredMetrics, fit_recording_interrupts, prepare_observer_options,
+                                  route_mongo_failures)
 from models.audio.passt import PasstEncoder, pretrained_weights_path
 from models.pooling import MeanPooling, OwnCaptionAttentionPooling, Pooling, TextAwareAttentionPooling
 from models.retrieval_model import RetrievalModel
 from models.text.transformer import TextEncoder, resolve_text_model, text_model_available
-from utils.directories import directories, get_data_dir
 from utils.checkpoints import load_model_weights, read_checkpoint
+from utils.directories import directories, get_data_dir
 from utils.metrics import chance_metrics
 from utils.paths import create_unique_folder
 from utils.schedule import save_schedule_plot
@@ -393,7 +394,7 @@ def train_and_evaluate(load_parameters: str | None, resume_training: str | None,
     _run.info["run_folder"] = str(folder)
     ex.add_artifact(str(plot_schedule(folder / "lr_schedule.png")))
     trainer = build_trainer(folder)
-    trainer.fit(module, loaders["train"], loaders["val"], ckpt_path=resume_training)
+    fit_recording_interrupts(trainer, module, loaders["train"], loaders["val"], ckpt_path=resume_training)
     checkpoints = {"last": trainer.checkpoint_callback.last_model_path,
                    "best": trainer.checkpoint_callback.best_model_path}
     _run.info["best_checkpoint"] = checkpoints["best"]

@@ -15,6 +15,7 @@ from pathlib import Path
 import lightning as L
 from sacred.observers import FileStorageObserver, MongoObserver
 from sacred.observers.mongo import parse_mongo_db_arg
+from sacred.utils import SacredInterrupt
 
 from utils.paths import default_data_dir
 
@@ -120,3 +121,28 @@ class SacredMetrics(L.Callback):
 
     def on_test_end(self, trainer, module) -> None:
         self._log_prefixed(trainer, f"{module.test_prefix}/")
+
+
+class TrainingInterrupted(SacredInterrupt):
+    """Ctrl-C during training: Sacred records the run as INTERRUPTED, and the message says how to continue."""
+    STATUS = "INTERRUPTED"
+
+
+def fit_recording_interrupts(trainer: L.Trainer, *fit_arguments, **fit_keywords) -> None:
+    """`trainer.fit`, turning Lightning's exit after Ctrl-C into TrainingInterrupted naming the checkpoint to resume.
+
+    Lightning catches KeyboardInterrupt inside fit, tears down and calls sys.exit(1), which Sacred would record
+    as FAILED; `last.ckpt` is written (atomically) after every validation, so it holds the last finished epoch.
+    """
+    try:
+        trainer.fit(*fit_arguments, **fit_keywords)
+    except SystemExit:
+        if not trainer.interrupted:
+            raise
+        last = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else ""
+        if last and Path(last).is_file():
+            raise TrainingInterrupted(f"interrupted in epoch {trainer.current_epoch}; {last} holds the weights, "
+                                      f"optimiser and schedule after the last finished epoch: continue with "
+                                      f"resume_training={last}") from None
+        raise TrainingInterrupted(f"interrupted in epoch {trainer.current_epoch}, before any epoch finished: "
+                                  f"no checkpoint was written, nothing to resume from") from None

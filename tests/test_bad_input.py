@@ -177,3 +177,48 @@ def test_unreadable_captions_for_the_generator_are_one_line_before_any_request(d
         with pytest.raises(SystemExit, match=f"error: .*{message}"):
             main(["--captions", str(captions), "--host", server.host])
         assert server.requests == []
+
+
+def test_ctrl_c_marks_the_run_interrupted_and_resume_continues_the_schedule(data_dir):
+    # A real subprocess gets SIGINT once the first epoch's checkpoint exists, then a second run resumes from it.
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.test_experiment import REPO
+    from utils.schedule import learning_rate
+
+    settings = ["max_epochs=8", "data_loader.batch_size=8", "data_loader.n_workers=0", "log_every_n_steps=1",
+                "warmup_length=1", "rampdown_start=2", "rampdown_stop=8"]
+    observer = data_dir / "sacred"
+    process = subprocess.Popen([sys.executable, "-m", "experiments.ex_dcase24", "-F", str(observer), "with", "demo",
+                                f"directories.data_dir={data_dir}", *settings], cwd=REPO,
+                               env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while not list(data_dir.glob("runs/*/checkpoints/last.ckpt")) and time.monotonic() < deadline:
+        assert process.poll() is None, process.stdout.read()[-3000:]
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode != 0
+    (last,) = data_dir.glob("runs/*/checkpoints/last.ckpt")
+    assert f"continue with resume_training={last}" in output
+    assert json.loads((observer / "1" / "run.json").read_text())["status"] == "INTERRUPTED"
+
+    saved = torch.load(last, map_location="cpu", weights_only=False)
+    resumed = run_demo(data_dir, resume_training=str(last), **{key.replace(".", "__"): eval(value) for key, value in
+                                                              (setting.split("=") for setting in settings)})
+    assert set(resumed.result) == {"mAP@10", "R@1", "R@5", "R@10"}
+    rows = list(__import__("csv").DictReader(open(next((Path(resumed.info["run_folder"]) / "logs").glob(
+        "*/metrics.csv")))))
+    trained = [row for row in rows if row["train/loss"]]
+    assert int(trained[0]["epoch"]) == saved["epoch"] + 1 and int(trained[-1]["epoch"]) == 7
+    steps_per_epoch = saved["global_step"] / (saved["epoch"] + 1)
+    first = next(row for row in rows if row["lr-AdamW/audio_encoder"])
+    expected = learning_rate(int(first["step"]) / steps_per_epoch, 1e-3, 1e-5, 1, 2, 8, "cosine")
+    assert int(first["step"]) == saved["global_step"]
+    assert float(first["lr-AdamW/audio_encoder"]) == pytest.approx(expected, rel=1e-6)
