@@ -131,14 +131,24 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"also fetch the published {PHI4_CAPTIONS_FILE}")
     args = parser.parse_args(argv)
     base_url = os.environ.get("CLOTHO_BASE_URL", DEFAULT_BASE_URL).rstrip("/")
-    sums = read_manifest(Path(os.environ.get("CLOTHO_CHECKSUMS", MANIFEST)))
+    manifest = Path(os.environ.get("CLOTHO_CHECKSUMS", MANIFEST))
+    sums = read_manifest(manifest)
+    files = {split: (f"clotho_captions_{split}.csv", f"clotho_metadata_{split}.csv", f"clotho_audio_{split}.7z")
+             for split in SPLITS.values()}
+    needed = [name for names in files.values() for name in names] + [PHI4_CAPTIONS_FILE] * args.with_phi4_captions
+    absent = [name for name in needed if name not in sums]
+    if absent:
+        parser.error(f"checksum manifest {manifest} (CLOTHO_CHECKSUMS) has no entry for {', '.join(absent)}")
+    if not base_url.startswith(("http://", "https://")):
+        parser.error(f"CLOTHO_BASE_URL={base_url!r}: expected an http:// or https:// address")
     folder = args.data_dir.expanduser() / args.folder_name
+    for path in (args.data_dir.expanduser(), folder):
+        if path.exists() and not path.is_dir():
+            parser.error(f"{path} exists and is not a folder (--data-dir / --folder-name)")
     folder.mkdir(parents=True, exist_ok=True)
     report = []
-    for split in SPLITS.values():
-        for name in (f"clotho_captions_{split}.csv", f"clotho_metadata_{split}.csv", f"clotho_audio_{split}.7z"):
-            if name not in sums:
-                raise ValueError(f"no checksum for {name} in the manifest")
+    for split, names in files.items():
+        for name in names:
             report.append(f"{name}: {download(f'{base_url}/{name}', folder / name, sums[name])}")
         extracted = extract_split(folder / f"clotho_audio_{split}.7z", folder, split)
         files = sum(1 for _ in (folder / split).iterdir())

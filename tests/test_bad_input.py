@@ -222,3 +222,30 @@ def test_ctrl_c_marks_the_run_interrupted_and_resume_continues_the_schedule(data
     expected = learning_rate(int(first["step"]) / steps_per_epoch, 1e-3, 1e-5, 1, 2, 8, "cosine")
     assert int(first["step"]) == saved["global_step"]
     assert float(first["lr-AdamW/audio_encoder"]) == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("manifest without the audio", "has no entry for clotho_audio_development.7z, clotho_audio_validation.7z"),
+    ("ftp base url", "CLOTHO_BASE_URL='ftp://mirror/files': expected an http:// or https:// address"),
+    ("data dir is a file", "exists and is not a folder (--data-dir / --folder-name)"),
+])
+def test_bad_downloader_input_stops_before_any_download(tmp_path, monkeypatch, capsys, case, message):
+    from data_loaders.download_clotho import main
+    from tests.test_download_clotho import Mirror
+
+    server = Mirror({})
+    manifest = tmp_path / "checksums.md5"
+    names = [f"clotho_{kind}_{split}.csv" for kind in ("captions", "metadata")
+             for split in ("development", "validation", "evaluation")]
+    if case != "manifest without the audio":
+        names += [f"clotho_audio_{split}.7z" for split in ("development", "validation", "evaluation")]
+    manifest.write_text("".join(f"{'0' * 32}  {name}\n" for name in names))
+    monkeypatch.setenv("CLOTHO_CHECKSUMS", str(manifest))
+    monkeypatch.setenv("CLOTHO_BASE_URL", "ftp://mirror/files" if case == "ftp base url" else server.url)
+    data_dir = tmp_path / "data"
+    if case == "data dir is a file":
+        data_dir.write_text("")
+    with pytest.raises(SystemExit) as exited:
+        main(["--data-dir", str(data_dir)])
+    assert exited.value.code == 2 and message in capsys.readouterr().err
+    assert server.requests == []
