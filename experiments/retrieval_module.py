@@ -7,6 +7,7 @@ from functools import partial
 import lightning as L
 import torch
 
+from models.distributed_loss import global_contrastive_loss
 from models.losses import multi_positive_contrastive_loss
 from models.retrieval_model import RetrievalModel
 from utils.metrics import retrieval_metrics
@@ -73,9 +74,14 @@ class RetrievalModule(L.LightningModule):
     def training_step(self, batch: dict, batch_index: int) -> torch.Tensor:
         windows, mask = self.model.encode_audio(batch["audio"], batch["audio_length"])
         text = self.model.encode_text(batch["caption"])
-        loss = multi_positive_contrastive_loss(self.model.score(text, windows, mask), batch["clip_index"],
-                                               self.positive_weighting)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["caption"]))
+        distributed = self.trainer.world_size > 1
+        if distributed:  # negatives from every rank; the mean of the logged values over ranks is the global loss
+            loss = global_contrastive_loss(self.model, text, windows, mask, batch["clip_index"],
+                                           self.positive_weighting)
+        else:
+            loss = multi_positive_contrastive_loss(self.model.score(text, windows, mask), batch["clip_index"],
+                                                   self.positive_weighting)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["caption"]), sync_dist=distributed)
         self.log("train/tau", self.model.tau.detach(), batch_size=len(batch["caption"]))
         return loss
 

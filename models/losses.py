@@ -24,14 +24,26 @@ def multi_positive_contrastive_loss(scores: torch.Tensor, clip_ids: torch.Tensor
     """
     if scores.shape[0] != scores.shape[1] or scores.shape[0] != clip_ids.shape[0]:
         raise ValueError(f"scores {tuple(scores.shape)} must be square and match clip_ids {tuple(clip_ids.shape)}")
-    positives = positive_mask(clip_ids).to(scores.dtype)
+    return sharded_contrastive_loss(scores, scores, clip_ids, slice(0, len(clip_ids)), weighting)
+
+
+def sharded_contrastive_loss(caption_scores: torch.Tensor, clip_scores: torch.Tensor, clip_ids: torch.Tensor,
+                             own: slice, weighting: str = "pair") -> torch.Tensor:
+    """One shard's part of `multi_positive_contrastive_loss` on a batch split over shards (ranks).
+
+    caption_scores: (own captions, all clips); clip_scores: (all captions, own clips); clip_ids: (all,) global ids;
+    `own`: the shard's positions in the global batch. Summed over shards it equals the loss of the whole batch,
+    in value and gradients, while each shard scores only its own rows and columns.
+    """
+    positives = positive_mask(clip_ids).to(caption_scores.dtype)
     if weighting == "pair":
-        caption_weights = clip_weights = positives / positives.sum()
+        caption_weights = positives[own] / positives.sum()
+        clip_weights = positives[:, own] / positives.sum()
     elif weighting == "row":
-        caption_weights = positives / positives.sum(dim=1, keepdim=True) / len(positives)
-        clip_weights = positives / positives.sum(dim=0, keepdim=True) / len(positives)
+        caption_weights = positives[own] / positives[own].sum(dim=1, keepdim=True) / len(positives)
+        clip_weights = positives[:, own] / positives[:, own].sum(dim=0, keepdim=True) / len(positives)
     else:
         raise ValueError(f"positive_weighting={weighting!r} is not one of {', '.join(POSITIVE_WEIGHTINGS)}")
-    text_to_audio = (caption_weights * F.log_softmax(scores, dim=1)).sum()
-    audio_to_text = (clip_weights * F.log_softmax(scores, dim=0)).sum()
+    text_to_audio = (caption_weights * F.log_softmax(caption_scores, dim=1)).sum()
+    audio_to_text = (clip_weights * F.log_softmax(clip_scores, dim=0)).sum()
     return -0.5 * (text_to_audio + audio_to_text)

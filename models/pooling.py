@@ -44,6 +44,12 @@ class Pooling(nn.Module):
         """Every caption of a split against every clip; caption_clip: (captions,) ground-truth clip rows."""
         return self.score(text, windows, mask)
 
+    def shard_scores(self, text: torch.Tensor, windows: torch.Tensor, mask: torch.Tensor,
+                     own: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """For a batch gathered from every rank (caption i drawn with clip i): this rank's captions against all
+        clips (own, batch), and all captions against this rank's clips (batch, own)."""
+        return self.score(text[own], windows, mask), self.score(text, windows[own], mask[own])
+
 
 class MeanPooling(Pooling):
     """Caption-independent pooling: every caption sees the same clip embedding."""
@@ -222,6 +228,11 @@ class OwnCaptionAttentionPooling(TextAwareAttentionPooling):
         if len(text) != len(windows):
             raise ValueError(f"own-caption pooling needs one caption per clip, got {len(text)} and {len(windows)}")
         return self.normalized(text) @ self.pool(text, windows).t()
+
+    def shard_scores(self, text: torch.Tensor, windows: torch.Tensor, mask: torch.Tensor,
+                     own: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        pooled = self.pool(text, windows)  # every clip by its own caption, as in `score`
+        return self.normalized(text[own]) @ pooled.t(), self.normalized(text) @ pooled[own].t()
 
     def rank_split(self, text: torch.Tensor, windows: torch.Tensor, mask: torch.Tensor,
                    caption_clip: torch.Tensor) -> torch.Tensor:

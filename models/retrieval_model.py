@@ -38,4 +38,13 @@ class RetrievalModel(nn.Module):
 
     def score(self, text: torch.Tensor, windows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Similarity logits (captions, clips), divided by the temperature."""
-        return self.pooling.score(text, windows, mask) / self.tau.clamp(min=1e-4)
+        return self.pooling.score(text, windows, mask) / self.temperature()
+
+    def shard_scores(self, text: torch.Tensor, windows: torch.Tensor, mask: torch.Tensor,
+                     own: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """`Pooling.shard_scores` as logits: (own captions, all clips), (all captions, own clips)."""
+        caption_scores, clip_scores = self.pooling.shard_scores(text, windows, mask, own)
+        return caption_scores / self.temperature(), clip_scores / self.temperature()
+
+    def temperature(self) -> torch.Tensor:
+        return self.tau.clamp(min=1e-4)

@@ -47,6 +47,8 @@ CONFIG_CASES = [
     ({"max_audio_seconds": 0}, ConfigError, r"max_audio_seconds=0: expected > 0 \(or None: the whole clip\)"),
     ({"initial_tau": 0}, ConfigError, "initial_tau=0: expected > 0"),
     ({"devices": 0}, ConfigError, "devices=0: expected a number of devices >= 1"),
+    ({"devices": 2}, ConfigError, "devices=2: training on several devices is not finished"),
+    ({"devices": "auto"}, ConfigError, "devices='auto': training on several devices is not finished"),
     ({"precision": "bf17"}, ConfigError, "precision='bf17': expected one of '16-mixed', 'bf16-mixed'"),
     ({"load_parameters": "/missing.ckpt"}, ConfigError, "load_parameters='/missing.ckpt': checkpoint file not found"),
     ({"resume_training": "/missing/last.ckpt"}, ConfigError,

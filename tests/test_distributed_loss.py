@@ -1,0 +1,118 @@
+"""The global contrastive loss over ranks equals the single-process loss of the concatenated batch.
+
+The sharding maths is checked without processes; then two real `gloo` processes compute their shares with
+gathered features, average gradients as DDP does, and must match one process on the doubled batch.
+"""
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from models.losses import multi_positive_contrastive_loss, sharded_contrastive_loss
+from models.pooling import MeanPooling, OwnCaptionAttentionPooling, TextAwareAttentionPooling
+from models.retrieval_model import RetrievalModel
+
+# One clip (3) appears on both ranks, another (5) twice across them: positives cross the shard boundary.
+CLIP_IDS = torch.tensor([3, 5, 3, 8, 5, 9, 3, 1])
+
+
+@pytest.mark.parametrize("weighting", ["pair", "row"])
+@pytest.mark.parametrize("shards", [1, 2, 4])
+def test_shard_losses_sum_to_the_loss_of_the_whole_batch(weighting, shards):
+    scores = torch.randn(8, 8, generator=torch.Generator().manual_seed(shards), requires_grad=True)
+    whole = multi_positive_contrastive_loss(scores, CLIP_IDS, weighting)
+    (expected,) = torch.autograd.grad(whole, scores)
+    size = len(CLIP_IDS) // shards
+    parts = [sharded_contrastive_loss(scores[own], scores[:, own], CLIP_IDS, own, weighting)
+             for own in (slice(k * size, (k + 1) * size) for k in range(shards))]
+    (gradient,) = torch.autograd.grad(sum(parts), scores)
+    assert float(sum(parts)) == pytest.approx(float(whole), abs=1e-6)
+    torch.testing.assert_close(gradient, expected, atol=1e-6, rtol=1e-5)
+
+
+class FeatureEncoder(torch.nn.Linear):
+    """Stands in for an encoder: features in, features out (the real model's heads and pooling follow)."""
+    output_size = 6
+
+    def __init__(self):
+        super().__init__(6, 6)
+
+    def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None):
+        return super().forward(features) if mask is None else (super().forward(features), mask)
+
+
+def tiny_model(pooling: str) -> RetrievalModel:
+    torch.manual_seed(0)
+    tap = {"dim": 8, "p_dropout_weights": 0, "p_dropout_proj": 0}
+    pool = {"mean": lambda: MeanPooling(), "TAP": lambda: TextAwareAttentionPooling(8, **tap),
+            "TAP_own_caption": lambda: OwnCaptionAttentionPooling(8, **tap)}[pooling]()
+    return RetrievalModel(FeatureEncoder(), FeatureEncoder(), pool, 8, text_projection="linear", initial_tau=0.1)
+
+
+def batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    text, windows = torch.randn(8, 6, generator=generator), torch.randn(8, 4, 6, generator=generator)
+    mask = torch.tensor([[True, True, True, False]] * 4 + [[True, True, True, True], [True, False, False, False],
+                                                            [True, True, False, False], [True, True, True, True]])
+    return text, windows, mask
+
+
+def single_process_gradients(pooling: str, weighting: str) -> tuple[float, dict[str, torch.Tensor]]:
+    model = tiny_model(pooling)
+    text, windows, mask = batch()
+    loss = multi_positive_contrastive_loss(model.score(model.encode_text(text), *model.encode_audio(windows, mask)),
+                                           CLIP_IDS, weighting)
+    loss.backward()
+    return float(loss), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def rank_step(rank: int, world: int, port: int, pooling: str, weighting: str, results) -> None:
+    from models.distributed_loss import global_contrastive_loss
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        model = tiny_model(pooling)
+        text, windows, mask = batch()
+        own = slice(rank * 4, (rank + 1) * 4)
+        # Rank 0's clips hold 3 windows at most: it sends 3, the gathers pad to the longest (4) with masked zeros.
+        windows, mask = (windows[own, :3], mask[own, :3]) if rank == 0 and pooling != "TAP_own_caption" else (
+            windows[own], mask[own])
+        loss = global_contrastive_loss(model, model.encode_text(text[own]), *model.encode_audio(windows, mask),
+                                       CLIP_IDS[own], weighting)
+        loss.backward()
+        logged = loss.detach().clone()
+        dist.all_reduce(logged)
+        gradients = {}
+        for name, parameter in model.named_parameters():
+            if parameter.grad is not None:
+                dist.all_reduce(parameter.grad)  # what DDP does: the mean over ranks
+                gradients[name] = parameter.grad / world
+        results[rank] = (float(logged) / world, gradients)
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.parametrize("pooling, weighting", [("mean", "pair"), ("TAP", "pair"), ("TAP", "row"),
+                                                ("TAP_own_caption", "pair")])
+def test_two_gloo_ranks_equal_one_process_on_the_doubled_batch(pooling, weighting):
+    expected_loss, expected_gradients = single_process_gradients(pooling, weighting)
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(rank_step, args=(2, free_port(), pooling, weighting, results), nprocs=2, join=True)
+        results = dict(results)
+    for rank in (0, 1):
+        loss, gradients = results[rank]
+        assert loss == pytest.approx(expected_loss, abs=1e-5)
+        assert gradients.keys() == expected_gradients.keys()
+        for name, gradient in gradients.items():
+            torch.testing.assert_close(gradient, expected_gradients[name], atol=1e-5, rtol=1e-4, msg=name)
