@@ -202,8 +202,9 @@ def cross_key_problems(config: Stage1Config) -> list[str]:
     except ValueError as error:
         problems.append(str(error))
     if config.devices != 1 and not (isinstance(config.devices, (list, tuple)) and len(config.devices) == 1):
-        problems.append(f"devices={config.devices!r}: training on several devices is not finished (the loss gathers "
-                        f"across ranks, evaluation does not yet); use devices=1")
+        problems.append(f"devices={config.devices!r}: training on several devices is not finished (loss and "
+                        f"evaluation gather across ranks, but every rank would still start its own Sacred run and "
+                        f"run folder); use devices=1")
     for key in ("load_parameters", "resume_training"):
         path = getattr(config, key)
         if path is not None and not Path(path).expanduser().is_file():

@@ -10,6 +10,7 @@ import torch
 from models.distributed_loss import global_contrastive_loss
 from models.losses import multi_positive_contrastive_loss
 from models.retrieval_model import RetrievalModel
+from utils.distributed import gather_evaluation
 from utils.metrics import retrieval_metrics
 from utils.schedule import learning_rate_factor
 
@@ -88,21 +89,22 @@ class RetrievalModule(L.LightningModule):
     def _evaluation_step(self, batch: dict) -> None:
         windows, mask = self.model.encode_audio(batch["audio"], batch["audio_length"])
         captions = [caption for captions in batch["captions"] for caption in captions]
-        caption_clips = torch.cat([index.repeat(len(captions)) for index, captions
-                                   in zip(batch["clip_index"], batch["captions"])])
+        first_row = sum(len(step["clip_index"]) for step in self._evaluation)
+        caption_rows = torch.cat([torch.full((len(captions),), first_row + position) for position, captions
+                                  in enumerate(batch["captions"])])
         self._evaluation.append({"windows": windows.float(), "mask": mask, "clip_index": batch["clip_index"],
                                  "text": self.model.encode_text(captions).float(),
-                                 "caption_clip": caption_clips.to(windows.device)})
+                                 "caption_row": caption_rows.to(windows.device)})
 
     def _evaluation_end(self, prefix: str) -> dict[str, float]:
-        """Ranks every caption of the split against every clip of the split."""
+        """Ranks every caption of the split against every clip of the split (gathered from every rank, each once)."""
         collected = {key: torch.cat([step[key] for step in self._evaluation]) for key in self._evaluation[0]}
         self._evaluation.clear()
-        position = torch.empty_like(collected["clip_index"])
-        position[collected["clip_index"]] = torch.arange(len(position), device=position.device)
-        caption_rows = position[collected["caption_clip"]]
-        scores = self.model.pooling.rank_split(collected["text"], collected["windows"], collected["mask"], caption_rows)
-        metrics = retrieval_metrics(scores, caption_rows)
+        if self.trainer.world_size > 1:
+            collected = gather_evaluation(collected)
+        scores = self.model.pooling.rank_split(collected["text"], collected["windows"], collected["mask"],
+                                               collected["caption_row"])
+        metrics = retrieval_metrics(scores, collected["caption_row"])
         for name, value in metrics.items():
             self.log(f"{prefix}/{name}", value, prog_bar=name == "mAP@10")
         return metrics

@@ -10,32 +10,9 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as distributed_functional
 
 from models.losses import sharded_contrastive_loss
-
-
-def padded_to_longest(tensor: torch.Tensor, value: float = 0) -> torch.Tensor:
-    """Pad dim 1 (windows) to the longest over all ranks, so that every rank's tensor has the same shape."""
-    if tensor.dim() < 2:
-        return tensor
-    length = torch.tensor([tensor.shape[1]], device=tensor.device)
-    dist.all_reduce(length, op=dist.ReduceOp.MAX)
-    padding = [0, 0] * (tensor.dim() - 2) + [0, int(length) - tensor.shape[1]]
-    return torch.nn.functional.pad(tensor, padding, value=value)
-
-
-def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
-    """Every rank's `tensor` concatenated along dim 0 in rank order; gradients flow back to the owning rank."""
-    return torch.cat(distributed_functional.all_gather(padded_to_longest(tensor)), dim=0)
-
-
-def gather(tensor: torch.Tensor, value: float = 0) -> torch.Tensor:
-    """Every rank's `tensor` concatenated along dim 0 in rank order (no gradients: masks, ids)."""
-    tensor = padded_to_longest(tensor, value).contiguous()
-    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, tensor)
-    return torch.cat(parts, dim=0)
+from utils.distributed import gather, gather_with_grad
 
 
 def global_contrastive_loss(model, text: torch.Tensor, windows: torch.Tensor, mask: torch.Tensor,

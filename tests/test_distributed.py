@@ -1,7 +1,8 @@
-"""The global contrastive loss over ranks equals the single-process loss of the concatenated batch.
+"""Training and evaluation over ranks equal one process on the whole batch / split.
 
-The sharding maths is checked without processes; then two real `gloo` processes compute their shares with
-gathered features, average gradients as DDP does, and must match one process on the doubled batch.
+The sharding maths is checked without processes; then two real `gloo` processes compute their loss shares with
+gathered features, average gradients as DDP does, and must match one process on the doubled batch; and their
+evaluation collections, gathered, must hold every clip and caption of the split exactly once.
 """
 from __future__ import annotations
 
@@ -116,3 +117,34 @@ def test_two_gloo_ranks_equal_one_process_on_the_doubled_batch(pooling, weightin
         assert gradients.keys() == expected_gradients.keys()
         for name, gradient in gradients.items():
             torch.testing.assert_close(gradient, expected_gradients[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def rank_evaluation(rank: int, world: int, port: int, results) -> None:
+    from utils.distributed import gather_evaluation
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        # A split of 5 clips over 2 ranks: a DistributedSampler gives rank 1 clip 0 again to even out the shards.
+        clips = torch.tensor([[0, 2, 4], [1, 3, 0]][rank])
+        windows = torch.stack([torch.full((2, 3), float(clip)) for clip in clips])
+        mask = torch.tensor([[True, clip % 2 == 0] for clip in clips.tolist()])
+        text = torch.stack([torch.full((3,), 10.0 * clip + caption) for clip in clips for caption in range(2)])
+        caption_row = torch.arange(len(clips)).repeat_interleave(2)
+        results[rank] = gather_evaluation({"clip_index": clips, "windows": windows, "mask": mask, "text": text,
+                                           "caption_row": caption_row})
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gathered_evaluation_holds_every_clip_and_caption_once():
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(rank_evaluation, args=(2, free_port(), results), nprocs=2, join=True)
+        results = dict(results)
+    for rank in (0, 1):
+        gathered = results[rank]
+        assert gathered["clip_index"].tolist() == [0, 2, 4, 1, 3]
+        assert gathered["windows"][:, 0, 0].tolist() == [0.0, 2.0, 4.0, 1.0, 3.0]
+        assert gathered["mask"][:, 1].tolist() == [True, True, True, False, False]
+        assert gathered["text"][:, 0].tolist() == [0.0, 1.0, 20.0, 21.0, 40.0, 41.0, 10.0, 11.0, 30.0, 31.0]
+        assert gathered["caption_row"].tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
