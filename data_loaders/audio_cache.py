@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 import warnings
 from pathlib import Path
 
@@ -44,9 +45,10 @@ def _dataset_key(file_name: str) -> str:
 
 
 def decoded_length(path: Path, sample_rate: int) -> int:
-    """Samples `decode_audio` returns for a file, from its header alone (resampling rounds up)."""
+    """Samples `decode_audio` returns for a file, from its header alone, to within one sample (the resampler's
+    rounding of the output length depends on its float precision)."""
     info = soundfile.info(str(path))
-    return info.frames if info.samplerate == sample_rate else math.ceil(info.frames * sample_rate / info.samplerate)
+    return info.frames if info.samplerate == sample_rate else round(info.frames * sample_rate / info.samplerate)
 
 
 def stale_clips(cache_path: Path, audio_folder: Path, file_names: list[str], sample_rate: int) -> list[str]:
@@ -67,7 +69,7 @@ def stale_clips(cache_path: Path, audio_folder: Path, file_names: list[str], sam
             key, source = _dataset_key(name), audio_folder / name
             if key not in cache or cache[key].attrs.get("source") != source_fingerprint(source):
                 stale.append(name)
-            elif cache[key].shape != (decoded_length(source, sample_rate),):
+            elif cache[key].ndim != 1 or abs(cache[key].shape[0] - decoded_length(source, sample_rate)) > 1:
                 warnings.warn(f"audio cache {cache_path}: clip {name!r} holds {cache[key].shape} samples, its source "
                               f"decodes to {decoded_length(source, sample_rate)}; decoding it again", stacklevel=2)
                 stale.append(name)
@@ -109,6 +111,17 @@ def build_cache(cache_path: Path, audio_folder: Path, file_names: list[str], sam
             dataset = cache.create_dataset(_dataset_key(name), data=samples)
             dataset.attrs["source"] = source_fingerprint(audio_folder / name)
     os.replace(partial, cache_path)
+    return cache_path
+
+
+def wait_for_cache(cache_path: Path, audio_folder: Path, file_names: list[str], sample_rate: int,
+                   timeout_seconds: float = 6 * 3600, poll_seconds: float = 2.0) -> Path:
+    """On ranks other than 0: wait until rank 0's build has renamed an up-to-date cache into place."""
+    deadline = time.monotonic() + timeout_seconds
+    while not cache_path.is_file() or stale_clips(cache_path, audio_folder, file_names, sample_rate):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{cache_path} was not built by rank 0 within {timeout_seconds:g} s")
+        time.sleep(poll_seconds)
     return cache_path
 
 

@@ -12,8 +12,9 @@ import torch
 from sacred import Ingredient
 from torch.utils.data import DataLoader, Dataset
 
-from data_loaders.audio_cache import AudioCache, build_cache
+from data_loaders.audio_cache import AudioCache, build_cache, wait_for_cache
 from data_loaders.clotho_v2 import ClipCaptions, clotho_v2, dataset_folder, load_split
+from utils.distributed import is_rank_zero
 
 data_loader = Ingredient("data_loader")
 
@@ -96,8 +97,11 @@ def get_dataset(split: str, clip_seconds: float, sample_rate: int, crop_seconds:
     """A split's dataset over an up-to-date audio cache (train: per caption; val/test: per clip)."""
     clips, audio_folder = load_split(split)
     cache_path = Path(dataset_folder()) / "audio_cache" / f"{audio_folder.name}.h5"
-    cache = AudioCache(build_cache(cache_path, audio_folder, [clip.file_name for clip in clips], sample_rate,
-                                   num_workers=decode_workers))
+    names = [clip.file_name for clip in clips]
+    if is_rank_zero():
+        cache = AudioCache(build_cache(cache_path, audio_folder, names, sample_rate, num_workers=decode_workers))
+    else:  # one writer: the other ranks of a multi-process run wait for rank 0's cache
+        cache = AudioCache(wait_for_cache(cache_path, audio_folder, names, sample_rate))
     clip_samples = round(clip_seconds * sample_rate)
     if split == "train":
         crop_samples = round(crop_seconds * sample_rate) if crop_seconds else None

@@ -23,6 +23,7 @@ TRAIN_SETS = ("clothov2",)
 TEST_WEIGHTS = ("last", "best")
 PRECISIONS = ("16-mixed", "bf16-mixed", "32", "32-true", "bf16-true", "16-true", "64", "64-true", 16, 32, 64)
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+STRATEGIES = ("auto", "ddp")  # torch.distributed DDP, where the loss and evaluation gather across ranks
 LEARNING_RATE_KEYS = ("lr_audio_encoder", "lr_audio_project", "lr_sentence_encoder", "lr_sentence_project", "lr_tap")
 
 Count = Annotated[int, Field(ge=1)]
@@ -132,6 +133,8 @@ class Stage1Config(Section):
     max_audio_seconds: Optional[Seconds]
     accelerator: Literal[ACCELERATORS]
     devices: Any
+    num_nodes: Count
+    strategy: Literal[STRATEGIES]
     log_every_n_steps: Count
     monitor: Literal[METRIC_NAMES]
     test_weights: Literal[TEST_WEIGHTS]
@@ -201,10 +204,6 @@ def cross_key_problems(config: Stage1Config) -> list[str]:
         resolve_text_model(config.sentence_features.model, config.directories.data_dir)
     except ValueError as error:
         problems.append(str(error))
-    if config.devices != 1 and not (isinstance(config.devices, (list, tuple)) and len(config.devices) == 1):
-        problems.append(f"devices={config.devices!r}: training on several devices is not finished (loss and "
-                        f"evaluation gather across ranks, but every rank would still start its own Sacred run and "
-                        f"run folder); use devices=1")
     for key in ("load_parameters", "resume_training"):
         path = getattr(config, key)
         if path is not None and not Path(path).expanduser().is_file():

@@ -23,14 +23,15 @@ from data_loaders.clotho_v2 import SPLITS, captions_csv, clotho_v2, load_split, 
 from data_loaders.data_loader import data_loader, get_data_loader, get_dataset
 from experiments.config_schema import LEARNING_RATE_KEYS, TEST_WEIGHTS, validate_config
 from experiments.retrieval_module import OptimisationSettings, RetrievalModule
-from experiments.tracking import (SacredMetrics, fit_recording_interrupts, prepare_observer_options,
-                                  route_mongo_failures)
+from experiments.tracking import (RUN_FOLDER_VARIABLE, SacredMetrics, fit_recording_interrupts,
+                                  prepare_observer_options, route_mongo_failures)
 from models.audio.passt import PasstEncoder, pretrained_weights_path
 from models.pooling import MeanPooling, OwnCaptionAttentionPooling, Pooling, TextAwareAttentionPooling
 from models.retrieval_model import RetrievalModel
 from models.text.transformer import TextEncoder, resolve_text_model, text_model_available
 from utils.checkpoints import load_model_weights, read_checkpoint
 from utils.directories import directories, get_data_dir
+from utils.distributed import is_rank_zero
 from utils.metrics import chance_metrics
 from utils.paths import create_unique_folder
 from utils.schedule import save_schedule_plot
@@ -38,7 +39,7 @@ from utils.schedule import save_schedule_plot
 ex = Experiment("dcase24", ingredients=[directories, clotho_v2, data_loader])
 DEMO_AUDIO_MODEL = "passt_small"
 DEMO_TEXT_MODEL = "clotho_demo/roberta-tiny"
-COMMAND_OPTIONS = ("output",)  # arguments of commands (print_lr), not settings of the experiment
+COMMAND_OPTIONS = ("output", "load_model")  # arguments of commands (print_lr, cmd_test_on_clothov2), not settings
 POOLINGS = {"mean": MeanPooling, "TAP": TextAwareAttentionPooling, "TAP_own_caption": OwnCaptionAttentionPooling}
 
 
@@ -106,7 +107,9 @@ def default_config():
     gradient_clip_val = None
     max_audio_seconds = None  # random training crop before the audio encoder (memory); None: whole clip
     accelerator = "auto"
-    devices = 1
+    devices = 1  # devices per node (processes on a CPU); data_loader.batch_size is per device
+    num_nodes = 1  # machines, started by torchrun or srun (README, "Several GPUs and nodes")
+    strategy = "auto"  # Lightning strategy: auto (DDP when devices > 1) | ddp | ddp_spawn | ...
     log_every_n_steps = 50
     monitor = "mAP@10"  # validation metric that picks the best checkpoint
     test_weights = "last"  # last: the weights after the last epoch (published) | best: the best-validation checkpoint
@@ -178,7 +181,7 @@ def check_config(_config: dict) -> None:
 
 
 @ex.capture
-def check_hardware(precision, accelerator: str, require_gpu: bool) -> None:
+def check_hardware(precision, accelerator: str, devices, num_nodes: int, require_gpu: bool) -> None:
     """What training needs of the machine; separate from check_config so that print_lr runs anywhere."""
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"accelerator={accelerator!r} but no CUDA GPU is visible: run on a GPU machine, or set "
@@ -186,6 +189,12 @@ def check_hardware(precision, accelerator: str, require_gpu: bool) -> None:
     if str(precision).startswith("16") and not uses_cuda(accelerator):
         raise ValueError(f"precision={precision!r} (fp16 AMP, the published setting) needs a CUDA GPU, and "
                          f"accelerator={accelerator!r} runs on the CPU here: set precision=32 or bf16-mixed")
+    wanted = len(devices) if isinstance(devices, (list, tuple)) else devices
+    if uses_cuda(accelerator) and isinstance(wanted, int) and wanted > torch.cuda.device_count():
+        raise RuntimeError(f"devices={devices!r} but this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    if num_nodes > 1 and not any(key in os.environ for key in ("WORLD_SIZE", "SLURM_NTASKS", "NODE_RANK")):
+        raise RuntimeError(f"num_nodes={num_nodes} needs a launcher that starts the other machines: torchrun or "
+                           f"srun (README, 'Several GPUs and nodes')")
     if require_gpu and not torch.cuda.is_available():
         raise RuntimeError("no CUDA GPU is visible (require_gpu=True, set by lean_single_gpu / make train): run on a "
                            "GPU machine, or add require_gpu=False to train on this machine anyway")
@@ -255,9 +264,14 @@ def build_data_loaders(max_audio_seconds: float | None, data_loader: dict) -> di
 
 @ex.capture
 def run_folder(_run) -> Path:
-    """A fresh folder per run below data_dir/runs for checkpoints and local logs."""
+    """A fresh folder per run below data_dir/runs for checkpoints and local logs, made by rank 0 alone (the
+    other ranks get its path; they write nothing, and Lightning broadcasts the checkpoint folder)."""
+    if not is_rank_zero():
+        return Path(os.environ.get(RUN_FOLDER_VARIABLE, get_data_dir() / "runs"))
     run_id = _run._id if _run._id is not None else "local"
-    return create_unique_folder(get_data_dir() / "runs", f"{time.strftime('%Y%m%d-%H%M%S')}-{run_id}")
+    folder = create_unique_folder(get_data_dir() / "runs", f"{time.strftime('%Y%m%d-%H%M%S')}-{run_id}")
+    os.environ[RUN_FOLDER_VARIABLE] = str(folder)
+    return folder
 
 
 @ex.capture
@@ -275,12 +289,13 @@ def build_loggers(folder: Path, use_wandb: bool, wandb_project: str, wandb_entit
 
 @ex.capture
 def build_trainer(folder: Path, max_epochs: int, precision, accumulate_grad_batches: int, gradient_clip_val,
-                  accelerator: str, devices, monitor: str, log_every_n_steps: int, _run) -> L.Trainer:
+                  accelerator: str, devices, num_nodes: int, strategy: str, monitor: str, log_every_n_steps: int,
+                  _run) -> L.Trainer:
     checkpoint = ModelCheckpoint(dirpath=folder / "checkpoints", filename="best-{epoch:02d}",
                                  monitor=f"val/{monitor}", mode="max", save_last=True)
     return L.Trainer(max_epochs=max_epochs, precision=precision, accumulate_grad_batches=accumulate_grad_batches,
                      gradient_clip_val=gradient_clip_val, accelerator=accelerator, devices=devices,
-                     default_root_dir=folder, logger=build_loggers(folder),
+                     num_nodes=num_nodes, strategy=strategy, default_root_dir=folder, logger=build_loggers(folder),
                      callbacks=[checkpoint, LearningRateMonitor(logging_interval="step"), SacredMetrics(_run)],
                      log_every_n_steps=log_every_n_steps,
                      num_sanity_val_steps=0)
@@ -347,6 +362,34 @@ def check_weights() -> None:
         print(f"{line}: downloading on first use")
 
 
+@ex.capture
+def build_test_trainer(precision, accelerator: str, devices, num_nodes: int, strategy: str) -> L.Trainer:
+    return L.Trainer(precision=precision, accelerator=accelerator, devices=devices, num_nodes=num_nodes,
+                     strategy=strategy, logger=False, enable_checkpointing=False)
+
+
+@ex.command
+def cmd_test_on_clothov2(load_model: str, positive_weighting: str, max_audio_seconds: float | None,
+                         data_loader: dict) -> dict[str, float]:
+    """Test-split metrics of a checkpoint of this experiment: `cmd_test_on_clothov2 with load_model=CKPT`, on any
+    number of devices (data_loader.batch_size_eval clips per step and device)."""
+    check_config()
+    check_hardware()
+    load_split("test")
+    read_checkpoint(load_model, "load_model")
+    check_weights()
+    model = build_model()
+    load_model_weights(model, load_model, key="load_model")
+    loader = get_data_loader(get_dataset("test", decode_workers=data_loader["n_workers"]), train=False)
+    module = RetrievalModule(model, build_optimisation(), positive_weighting)
+    (tested,) = build_test_trainer().test(module, loader)
+    metrics = {key.removeprefix("test/"): value for key, value in tested.items()}
+    chance = chance_metrics(len(loader.dataset))
+    print(f"test split, {load_model}: "
+          + ", ".join(f"{metric} {metrics[metric]:.4f} (chance {chance[metric]:.4f})" for metric in chance))
+    return metrics
+
+
 @ex.command
 def cmd_check_setup(_run) -> dict:
     """What the current config needs and what is in place: data, caches, weights, GPU, observers."""
@@ -392,7 +435,8 @@ def train_and_evaluate(load_parameters: str | None, resume_training: str | None,
     folder = run_folder()
     route_mongo_failures(_run, folder)
     _run.info["run_folder"] = str(folder)
-    ex.add_artifact(str(plot_schedule(folder / "lr_schedule.png")))
+    if is_rank_zero():
+        ex.add_artifact(str(plot_schedule(folder / "lr_schedule.png")))
     trainer = build_trainer(folder)
     fit_recording_interrupts(trainer, module, loaders["train"], loaders["val"], ckpt_path=resume_training)
     checkpoints = {"last": trainer.checkpoint_callback.last_model_path,

@@ -100,13 +100,14 @@ class RetrievalModule(L.LightningModule):
         """Ranks every caption of the split against every clip of the split (gathered from every rank, each once)."""
         collected = {key: torch.cat([step[key] for step in self._evaluation]) for key in self._evaluation[0]}
         self._evaluation.clear()
-        if self.trainer.world_size > 1:
+        distributed = self.trainer.world_size > 1
+        if distributed:
             collected = gather_evaluation(collected)
         scores = self.model.pooling.rank_split(collected["text"], collected["windows"], collected["mask"],
                                                collected["caption_row"])
         metrics = retrieval_metrics(scores, collected["caption_row"])
-        for name, value in metrics.items():
-            self.log(f"{prefix}/{name}", value, prog_bar=name == "mAP@10")
+        for name, value in metrics.items():  # every rank holds the same value; syncing keeps Lightning's books
+            self.log(f"{prefix}/{name}", value, prog_bar=name == "mAP@10", sync_dist=distributed)
         return metrics
 
     def validation_step(self, batch: dict, batch_index: int) -> None:

@@ -17,10 +17,12 @@ from sacred.observers import FileStorageObserver, MongoObserver
 from sacred.observers.mongo import parse_mongo_db_arg
 from sacred.utils import SacredInterrupt
 
+from utils.distributed import is_rank_zero
 from utils.paths import default_data_dir
 
 MONGO_OPTION = "--mongo_db"
 FILE_OPTION = "--file_storage"
+RUN_FOLDER_VARIABLE = "DCASE24_RUN_FOLDER"  # rank 0's run folder, inherited by the ranks Lightning starts
 
 
 def mongo_reachable(url: str, timeout_ms: int = 2000) -> bool:
@@ -58,9 +60,13 @@ class BackupFileStorageObserver(FileStorageObserver):
 
 
 def prepare_observer_options(experiment, options: dict) -> None:
-    """Sacred option hook: default Mongo URL from the environment, ping it, fall back or stop."""
+    """Sacred option hook: default Mongo URL from the environment, ping it, fall back or stop. Ranks other than 0
+    record nothing, so that a run on several processes is one Sacred run."""
     experiment.observers[:] = [o for o in experiment.observers
                                if not isinstance(o, (PatientMongoObserver, BackupFileStorageObserver))]
+    if not is_rank_zero():
+        options[MONGO_OPTION] = options[FILE_OPTION] = None
+        return
     if not options.get(MONGO_OPTION) and os.environ.get("DCASE24_MONGO"):
         options[MONGO_OPTION] = os.environ["DCASE24_MONGO"]
     if not options.get(MONGO_OPTION):

@@ -47,8 +47,9 @@ CONFIG_CASES = [
     ({"max_audio_seconds": 0}, ConfigError, r"max_audio_seconds=0: expected > 0 \(or None: the whole clip\)"),
     ({"initial_tau": 0}, ConfigError, "initial_tau=0: expected > 0"),
     ({"devices": 0}, ConfigError, "devices=0: expected a number of devices >= 1"),
-    ({"devices": 2}, ConfigError, "devices=2: training on several devices is not finished"),
-    ({"devices": "auto"}, ConfigError, "devices='auto': training on several devices is not finished"),
+    ({"strategy": "horovod"}, ConfigError, "strategy='horovod': expected one of 'auto' or 'ddp'"),
+    ({"num_nodes": 0}, ConfigError, "num_nodes=0: expected >= 1"),
+    ({"num_nodes": 2}, RuntimeError, "num_nodes=2 needs a launcher that starts the other machines: torchrun or srun"),
     ({"precision": "bf17"}, ConfigError, "precision='bf17': expected one of '16-mixed', 'bf16-mixed'"),
     ({"load_parameters": "/missing.ckpt"}, ConfigError, "load_parameters='/missing.ckpt': checkpoint file not found"),
     ({"resume_training": "/missing/last.ckpt"}, ConfigError,
@@ -58,6 +59,8 @@ CONFIG_CASES = [
 ]
 if not torch.cuda.is_available():
     CONFIG_CASES.append(({"accelerator": "gpu"}, RuntimeError, "accelerator='gpu' but no CUDA GPU is visible"))
+CONFIG_CASES.append(({"accelerator": "gpu", "devices": torch.cuda.device_count() + 1, "precision": "32"},
+                     RuntimeError, "CUDA GPU" if not torch.cuda.is_available() else "devices=.* but this machine has"))
 
 
 @pytest.mark.parametrize("updates, error, message", CONFIG_CASES)

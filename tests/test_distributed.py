@@ -6,17 +6,25 @@ evaluation collections, gathered, must hold every clip and caption of the split 
 """
 from __future__ import annotations
 
+import ast
+import json
+import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from data_loaders.demo_data import generate_demo_dataset
 from models.losses import multi_positive_contrastive_loss, sharded_contrastive_loss
 from models.pooling import MeanPooling, OwnCaptionAttentionPooling, TextAwareAttentionPooling
 from models.retrieval_model import RetrievalModel
 
+REPO = Path(__file__).resolve().parents[1]
 # One clip (3) appears on both ranks, another (5) twice across them: positives cross the shard boundary.
 CLIP_IDS = torch.tensor([3, 5, 3, 8, 5, 9, 3, 1])
 
@@ -148,3 +156,32 @@ def test_gathered_evaluation_holds_every_clip_and_caption_once():
         assert gathered["mask"][:, 1].tolist() == [True, True, True, False, False]
         assert gathered["text"][:, 0].tolist() == [0.0, 1.0, 20.0, 21.0, 40.0, 41.0, 10.0, 11.0, 30.0, 31.0]
         assert gathered["caption_row"].tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+
+
+def run_cli(*arguments: str) -> subprocess.CompletedProcess:
+    completed = subprocess.run([sys.executable, "-m", "experiments.ex_dcase24", *arguments], cwd=REPO,
+                               env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+                               timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return completed
+
+
+def result_of(completed: subprocess.CompletedProcess) -> dict:
+    line = [line for line in completed.stderr.splitlines() if "Result: {" in line][-1]
+    return ast.literal_eval(line.split("Result: ", 1)[1])
+
+
+def test_two_process_demo_is_one_run_and_tests_a_checkpoint_like_one_process(tmp_path):
+    generate_demo_dataset(tmp_path / "clotho_demo", {"development": 6, "validation": 3, "evaluation": 5}, seed=1)
+    common = ["with", "demo", f"directories.data_dir={tmp_path}", "data_loader.n_workers=0", "accelerator=cpu"]
+    trained = run_cli("-F", str(tmp_path / "sacred"), *common, "devices=2", "strategy=ddp", "max_epochs=2",
+                      "data_loader.batch_size=4", "log_every_n_steps=1")
+    (run_folder,) = (tmp_path / "runs").iterdir()  # one run folder, written by rank 0
+    (record,) = [path for path in (tmp_path / "sacred").iterdir() if path.name != "_sources"]  # one Sacred run
+    assert json.loads((record / "run.json").read_text())["status"] == "COMPLETED"
+    assert set(result_of(trained)) == {"mAP@10", "R@1", "R@5", "R@10"}
+    checkpoint = run_folder / "checkpoints" / "last.ckpt"
+    alone, together = (result_of(run_cli("cmd_test_on_clothov2", *common, f"load_model={checkpoint}",
+                                         f"devices={devices}", "data_loader.batch_size_eval=2"))
+                       for devices in (1, 2))
+    assert alone == together  # 5 test clips: the sampler repeats one on the second rank, counted once

@@ -2,9 +2,20 @@
 collection without the repeats a DistributedSampler adds to even out its shards."""
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as distributed_functional
+
+
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
+
+
+def is_rank_zero() -> bool:
+    """Whether this process is global rank 0, or runs alone: the launchers (Lightning's script launcher, torchrun,
+    SLURM) give every other rank a non-zero rank in its environment before the script starts."""
+    return all(os.environ.get(key, "0") == "0" for key in RANK_VARIABLES)
 
 
 def padded_to_longest(tensor: torch.Tensor, value: float = 0) -> torch.Tensor:
