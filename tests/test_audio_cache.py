@@ -111,3 +111,18 @@ def test_clip_of_the_wrong_length_is_decoded_again(audio_folder, tmp_path, monke
     with pytest.warns(UserWarning, match=r"clip 'clip 1.wav' holds \(32000,\) samples, its source decodes to 64000"):
         build_cache(cache_path, audio_folder, names(audio_folder), 32000)
     assert decoded == ["clip 1.wav"] and AudioCache(cache_path).length("clip 1.wav") == 64000
+
+
+def test_other_ranks_wait_for_the_cache_that_rank_zero_builds(audio_folder, tmp_path):
+    import threading
+
+    cache_path = tmp_path / "development.h5"
+    with pytest.raises(TimeoutError, match=f"{cache_path} was not built by rank 0 within 0.2 s"):
+        audio_cache.wait_for_cache(cache_path, audio_folder, names(audio_folder), 32000, timeout_seconds=0.2,
+                                   poll_seconds=0.05)
+    builder = threading.Timer(0.3, build_cache, (cache_path, audio_folder, names(audio_folder), 32000))
+    builder.start()
+    assert audio_cache.wait_for_cache(cache_path, audio_folder, names(audio_folder), 32000, timeout_seconds=60,
+                                      poll_seconds=0.05) == cache_path
+    builder.join()
+    assert stale_clips(cache_path, audio_folder, names(audio_folder), 32000) == []
