@@ -202,7 +202,9 @@ def test_ctrl_c_marks_the_run_interrupted_and_resume_continues_the_schedule(data
     process = subprocess.Popen([sys.executable, "-m", "experiments.ex_dcase24", "-F", str(observer), "with", "demo",
                                 f"directories.data_dir={data_dir}", *settings], cwd=REPO,
                                env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+                               stderr=subprocess.STDOUT, text=True,
+                               # a shell's background jobs inherit SIGINT ignored; Ctrl-C reaches a foreground run
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 300
     while not list(data_dir.glob("runs/*/checkpoints/last.ckpt")) and time.monotonic() < deadline:
         assert process.poll() is None, process.stdout.read()[-3000:]

@@ -151,10 +151,10 @@ def test_gathered_evaluation_holds_every_clip_and_caption_once():
         results = dict(results)
     for rank in (0, 1):
         gathered = results[rank]
-        assert gathered["clip_index"].tolist() == [0, 2, 4, 1, 3]
-        assert gathered["windows"][:, 0, 0].tolist() == [0.0, 2.0, 4.0, 1.0, 3.0]
-        assert gathered["mask"][:, 1].tolist() == [True, True, True, False, False]
-        assert gathered["text"][:, 0].tolist() == [0.0, 1.0, 20.0, 21.0, 40.0, 41.0, 10.0, 11.0, 30.0, 31.0]
+        assert gathered["clip_index"].tolist() == [0, 1, 2, 3, 4]
+        assert gathered["windows"][:, 0, 0].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
+        assert gathered["mask"][:, 1].tolist() == [True, False, True, False, True]
+        assert gathered["text"][:, 0].tolist() == [0.0, 1.0, 10.0, 11.0, 20.0, 21.0, 30.0, 31.0, 40.0, 41.0]
         assert gathered["caption_row"].tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
 
 

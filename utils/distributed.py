@@ -59,7 +59,7 @@ def gather_evaluation(collected: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 
     Clip rows: `clip_index` (dataset clip index), `windows`, `mask`; caption rows: `text` and `caption_row` (the
     row of the clip occurrence the caption came with). Repeated clips keep their first occurrence and the
-    captions that came with it.
+    captions that came with it; clips come back in dataset order, so the ranking adds up as in one process.
     """
     clips = len(collected["clip_index"])
     offsets = gather(torch.tensor([clips], device=collected["clip_index"].device))
@@ -67,9 +67,13 @@ def gather_evaluation(collected: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     gathered = {key: gather(value, value=False if value.dtype == torch.bool else 0) for key, value in
                 {**collected, "caption_row": collected["caption_row"] + rank_offset}.items()}
     keep_clip = first_occurrences(gathered["clip_index"])
-    keep_caption = keep_clip[gathered["caption_row"]]
-    new_row = torch.cumsum(keep_clip, 0) - 1
-    result = {key: gathered[key][keep_clip] for key in ("clip_index", "windows", "mask")}
-    result["text"] = gathered["text"][keep_caption]
-    result["caption_row"] = new_row[gathered["caption_row"][keep_caption]]
+    kept_rows = torch.nonzero(keep_clip).squeeze(1)
+    kept_rows = kept_rows[torch.argsort(gathered["clip_index"][kept_rows])]  # dataset order, as one process has it
+    new_row = torch.full_like(gathered["clip_index"], -1)
+    new_row[kept_rows] = torch.arange(len(kept_rows), device=new_row.device)
+    caption_rows = new_row[gathered["caption_row"]]
+    captions = torch.nonzero(caption_rows >= 0).squeeze(1)
+    captions = captions[torch.argsort(caption_rows[captions], stable=True)]
+    result = {key: gathered[key][kept_rows] for key in ("clip_index", "windows", "mask")}
+    result.update(text=gathered["text"][captions], caption_row=caption_rows[captions])
     return result
