@@ -69,9 +69,11 @@ def stale_clips(cache_path: Path, audio_folder: Path, file_names: list[str], sam
             key, source = _dataset_key(name), audio_folder / name
             if key not in cache or cache[key].attrs.get("source") != source_fingerprint(source):
                 stale.append(name)
-            elif cache[key].ndim != 1 or abs(cache[key].shape[0] - decoded_length(source, sample_rate)) > 1:
+                continue
+            expected = decoded_length(source, sample_rate)
+            if cache[key].ndim != 1 or abs(cache[key].shape[0] - expected) > 1:
                 warnings.warn(f"audio cache {cache_path}: clip {name!r} holds {cache[key].shape} samples, its source "
-                              f"decodes to {decoded_length(source, sample_rate)}; decoding it again", stacklevel=2)
+                              f"decodes to {expected}; decoding it again", stacklevel=2)
                 stale.append(name)
         return stale
 
