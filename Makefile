@@ -8,7 +8,7 @@ UV := .tools/bin/uv
 export DATA_DIR
 export UV_PROJECT_ENVIRONMENT := $(abspath $(VENV))
 
-.PHONY: prepare lock demo demo-data test train download-dataset benchmark
+.PHONY: prepare lock demo demo-data demo-stage2 test train download-dataset benchmark
 
 $(UV):  ## uv itself, in its own small virtualenv (works where the system Python refuses pip installs)
 	python3 -m venv .tools
@@ -30,6 +30,14 @@ demo-data: prepare  ## write the synthetic Clotho-format dataset to $(DATA_DIR)/
 demo: demo-data  ## train and evaluate the CPU demo (about 6 minutes on 2 cores)
 	$(PYTHON) -m experiments.ex_dcase24 with demo "directories.data_dir=$(DATA_DIR)"
 
+demo-stage2: demo-data  ## stage 1, its embeddings and stage 2 (salsa's keys) on the demo data
+	$(PYTHON) -m experiments.ex_dcase24 with demo "directories.data_dir=$(DATA_DIR)"
+	run=$$(ls -td "$(DATA_DIR)"/runs/*/ | head -1) && \
+	$(PYTHON) -m experiments.ex_dcase24 cmd_generate_embeddings with demo "directories.data_dir=$(DATA_DIR)" \
+		"load_parameters=$$run" && \
+	$(PYTHON) -m experiments.ex_dcase24 with demo "directories.data_dir=$(DATA_DIR)" "load_parameters=$$run" \
+		load_last=best loss_weight=0.0 distill_weight=1.0 "distill_from=$$run" seed=523528930
+
 test: prepare  ## the test suite
 	$(PYTHON) -m pytest -q
 
@@ -40,4 +48,4 @@ download-dataset: prepare  ## Clotho v2.1 (+ the published Phi-4 captions) into 
 	scripts/download_clothov2.sh --data-dir "$(DATA_DIR)" --with-phi4-captions
 
 benchmark: prepare  ## throughput and evaluation time; figures go to benchmarks/RESULTS.md by hand
-	$(PYTHON) -m benchmarks.bench_stage1
+	$(PYTHON) -m benchmarks.bench_stage1 step

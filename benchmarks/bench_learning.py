@@ -40,10 +40,15 @@ def dataset(data_dir: Path, spec: str) -> tuple[str, int]:
 
 
 def run(data_dir: Path, folder: str, aggregate: str, seed: int, extra: list[str]) -> dict:
-    command = [sys.executable, "-m", "experiments.ex_dcase24", "with", "demo", *PUBLISHED_TAP_KEYS,
-               f"audio_features.aggregate={aggregate}", f"seed={seed}", f"directories.data_dir={data_dir}",
-               f"clotho_v2.folder_name={folder}", "stand_in_models=False",
-               f"sentence_features.model={folder}/{TEXT_MODEL_FOLDER}", *extra]
+    return run_demo_on(data_dir, folder, [*PUBLISHED_TAP_KEYS, f"audio_features.aggregate={aggregate}", f"seed={seed}",
+                                          *extra])
+
+
+def run_demo_on(data_dir: Path, folder: str, settings: list[str], command_name: str | None = None) -> dict:
+    """`python -m experiments.ex_dcase24 [command] with demo` on a generated data set: its result and minutes."""
+    command = [sys.executable, "-m", "experiments.ex_dcase24", *([command_name] if command_name else []), "with",
+               "demo", f"directories.data_dir={data_dir}", f"clotho_v2.folder_name={folder}", "stand_in_models=False",
+               f"sentence_features.model={folder}/{TEXT_MODEL_FOLDER}", *settings]
     started = time.perf_counter()
     completed = subprocess.run(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
                                capture_output=True, text=True)

@@ -1,57 +1,117 @@
-"""Training throughput and full-split evaluation time of the stage-1 model.
+"""Stage-1 speed: the model step alone, lever by lever, and the end-to-end Lightning fit.
 
-    python -m benchmarks.bench_stage1 --config demo        # CPU-sized models (the `demo` named config)
-    python -m benchmarks.bench_stage1 --config baseline    # PaSST-S + RoBERTa-large architectures
+    python -m benchmarks.bench_stage1 step --config baseline      # PaSST ap468 (stride 16) + RoBERTa-large
+    python -m benchmarks.bench_stage1 step --config demo          # CPU-sized models
+    python -m benchmarks.bench_stage1 fit --data-dir /tmp/bench   # real DataLoader, HDF5 cache, Lightning, Sacred
 
-Weights are random (the architectures, not the weights, set the cost), audio is random with Clotho's
-15-30 s lengths, captions are drawn from the demo vocabulary. Evaluation is timed on `--eval-clips`
-clips with five captions each and scaled to Clotho's evaluation split (1,045 clips, 5,225 captions).
+`step` builds the model once with the published code's choices (fp16 AMP with a gradient scaler, explicit
+attention, per-tensor AdamW) and adds one lever at a time, so each row shows what that lever buys: SDPA attention
+in both encoders, bf16 autocast, fused AdamW, torch.compile. Batches are random (audio with Clotho's 15-30 s
+lengths, generated on the device; captions from the demo vocabulary, tokenised on the host as in training), weights
+random: the architectures, not the weights, set the cost. Model FLOPs are counted with torch's FlopCounterMode on
+the timed batches; MFU divides them by the time and the GPU's dense bf16 peak. A full-split evaluation (1,045 clips,
+5,225 captions: encode each once, score all pairs, compute the metrics) is timed with the published levers and
+with all of them.
+
+`fit` writes a Clotho-format data set of noise clips (32 kHz, 15-30 s; its size set by --clips), a random-init
+model of RoBERTa-large's sizes, and runs `python -m experiments.ex_dcase24` for one epoch, which logs the steady
+training throughput and the validation time (`time/*`, experiments/tracking.py's Throughput).
 """
 from __future__ import annotations
 
 import argparse
+import csv
+import json
+import os
 import platform
+import subprocess
+import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
+import soundfile
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-from data_loaders.demo_data import EVENTS, caption_for, write_text_model
-from models.audio.passt import SAMPLE_RATE, PasstEncoder
+from data_loaders.demo_data import EVENTS, TEXT_MODEL_FOLDER, caption_for, write_captions_csv, write_text_model
+from models.audio.passt import SAMPLE_RATE, PasstEncoder, use_attention
 from models.losses import multi_positive_contrastive_loss
 from models.pooling import MeanPooling
 from models.retrieval_model import RetrievalModel
 from models.text.transformer import TextEncoder
+from utils.metrics import retrieval_metrics
 
 CLOTHO_EVAL_CLIPS = 1045
+CAPTIONS_PER_CLIP = 5
+DENSE_BF16_PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}  # the vendors' dense tensor-core figures
+ROBERTA_LARGE = dict(hidden_size=1024, layers=24, attention_heads=16, intermediate_size=4096, vocab_size=50265)
 CONFIGS = {
-    "demo": dict(audio="passt_small", window_seconds=5, text_hidden=128, text_layers=2, shared=128,
+    "demo": dict(audio="passt_small", window_seconds=5, text=dict(hidden_size=128, layers=2), shared=128,
                  batch_size=32, crop_seconds=5),
-    "baseline": dict(audio="passt", window_seconds=10, text_hidden=1024, text_layers=24, shared=1024,
-                     batch_size=16, crop_seconds=None),
+    "baseline": dict(audio="passt", window_seconds=10, text=ROBERTA_LARGE, shared=1024, batch_size=16,
+                     crop_seconds=None),
 }
+# Cumulative: each lever keeps the ones before it.
+LEVERS = {
+    "published": dict(precision="fp16", attention=False, fused_adamw=False, compile=False),
+    "sdpa": dict(precision="fp16", attention=True, fused_adamw=False, compile=False),
+    "bf16": dict(precision="bf16", attention=True, fused_adamw=False, compile=False),
+    "fused_adamw": dict(precision="bf16", attention=True, fused_adamw=True, compile=False),
+    "all_windows": dict(precision="bf16", attention=True, fused_adamw=True, compile=False, all_windows=True),
+    "compile": dict(precision="bf16", attention=True, fused_adamw=True, compile=True, all_windows=True),
+}
+LEVER_MEANING = {"published": "fp16 AMP + GradScaler, explicit attention, for-each AdamW",
+                 "sdpa": "+ SDPA attention in PaSST and RoBERTa", "bf16": "+ bf16 autocast, no GradScaler",
+                 "fused_adamw": "+ fused AdamW",
+                 "all_windows": "+ padding windows embedded too (fixed shapes, no host synchronisation)",
+                 "compile": "+ torch.compile of both encoders"}
 
 
-def random_batch(batch_size: int, crop_seconds: float | None, generator: torch.Generator, device: str):
-    rng = np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=generator)))
+def caption_vocabulary(count: int, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [caption_for(sorted(rng.choice(list(EVENTS), size=2, replace=False).tolist()), rng) for _ in range(count)]
+
+
+def random_batch(batch_size: int, crop_seconds: float | None, vocabulary: list[str], generator: torch.Generator,
+                 device: str) -> dict:
+    """Audio zero-padded to 30 s after a random 15-30 s length, as the cache-backed loader delivers it."""
     seconds = torch.empty(batch_size).uniform_(15, 30, generator=generator)
     if crop_seconds:
         seconds = seconds.clamp(max=crop_seconds)
     lengths = (seconds * SAMPLE_RATE).long()
-    audio = torch.randn(batch_size, 30 * SAMPLE_RATE, generator=generator) * 0.1
-    audio *= torch.arange(audio.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)
-    names = list(EVENTS)
-    captions = [caption_for(sorted(rng.choice(names, size=2, replace=False).tolist()), rng) for _ in range(batch_size)]
-    return audio.to(device), lengths.to(device), captions
+    clip_samples = int(lengths.max()) if crop_seconds else 30 * SAMPLE_RATE
+    audio = torch.randn(batch_size, clip_samples, device=device) * 0.1
+    audio *= torch.arange(clip_samples, device=device).unsqueeze(0) < lengths.to(device).unsqueeze(1)
+    picks = torch.randint(len(vocabulary), (batch_size,), generator=generator)
+    return {"audio": audio, "audio_length": lengths.to(device), "caption": [vocabulary[i] for i in picks],
+            "clip_index": torch.arange(batch_size, device=device)}
 
 
-def build(config: dict, text_folder: Path, device: str) -> RetrievalModel:
+def build_model(config: dict, text_folder: Path, device: str) -> RetrievalModel:
+    """The published attention (hear21passt's explicit softmax, transformers' eager) until the `sdpa` lever."""
     audio = PasstEncoder(config["audio"], window_seconds=config["window_seconds"],
-                         hop_seconds=config["window_seconds"], pretrained=False)
-    text = TextEncoder(str(text_folder))
-    return RetrievalModel(audio, text, MeanPooling(), config["shared"]).to(device)
+                         hop_seconds=config["window_seconds"], pretrained=False, attention="explicit")
+    text = TextEncoder(str(text_folder), attention="eager")
+    return RetrievalModel(audio, text, MeanPooling(), config["shared"], text_projection="none").to(device)
+
+
+def apply_lever(model: RetrievalModel, lever: dict) -> None:
+    if lever["attention"]:
+        use_attention(model.audio_encoder.network, "sdpa")
+        model.text_encoder.model.set_attn_implementation("sdpa")
+        if model.text_encoder.model.config._attn_implementation != "sdpa":
+            raise RuntimeError("this transformers version cannot switch RoBERTa to SDPA in place")
+    model.audio_encoder.embed_padding_windows = lever.get("all_windows", False)
+    if lever["compile"]:
+        model.compile_encoders()
+
+
+def autocast(device: str, precision: str):
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    return torch.autocast(device, dtype=dtype) if device == "cuda" else nullcontext()
 
 
 def synchronize(device: str) -> None:
@@ -59,63 +119,245 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", choices=CONFIGS, default="demo")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--train-steps", type=int, default=10)
-    parser.add_argument("--eval-clips", type=int, default=CLOTHO_EVAL_CLIPS)
-    parser.add_argument("--batch-size", type=int, help="override the configuration's training batch")
-    args = parser.parse_args()
-    config = dict(CONFIGS[args.config], **({"batch_size": args.batch_size} if args.batch_size else {}))
-    generator = torch.Generator().manual_seed(0)
-    autocast = torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.device == "cuda")
-    with tempfile.TemporaryDirectory() as folder:
-        rng = np.random.default_rng(0)
-        vocabulary = [caption_for(sorted(rng.choice(list(EVENTS), size=2, replace=False).tolist()), rng)
-                      for _ in range(2000)]
-        text_folder = write_text_model(Path(folder), vocabulary, config["text_hidden"], config["text_layers"])
-        model = build(config, text_folder, args.device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    model.train()
-    timings = []
-    for step in range(args.train_steps + 1):
-        audio, lengths, captions = random_batch(config["batch_size"], config["crop_seconds"], generator, args.device)
-        synchronize(args.device)
-        start = time.perf_counter()
-        with autocast:
-            windows, mask = model.encode_audio(audio, lengths)
-            scores = model.score(model.encode_text(captions), windows, mask)
-            loss = multi_positive_contrastive_loss(scores.float(), torch.arange(len(captions), device=args.device))
-        optimizer.zero_grad()
+def training_step(model: RetrievalModel, optimizer, scaler, batch: dict, device: str, precision: str) -> None:
+    with autocast(device, precision):
+        windows, mask = model.encode_audio(batch["audio"], batch["audio_length"])
+        scores = model.score(model.encode_text(batch["caption"]), windows, mask)
+    loss = multi_positive_contrastive_loss(scores.float(), batch["clip_index"])
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is None:
         loss.backward()
         optimizer.step()
-        synchronize(args.device)
-        if step:  # the first step pays for allocation and kernel selection
-            timings.append(time.perf_counter() - start)
-    samples_per_second = config["batch_size"] * len(timings) / sum(timings)
+    else:  # fp16: the scaler checks for overflow on the host, one synchronisation per step
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
 
-    model.eval()
-    eval_batch = config["batch_size"]
-    synchronize(args.device)
+
+def count_flops(model: RetrievalModel, batches: list[dict], device: str) -> float:
+    """Forward and backward FLOPs of the batches (matrix products and attention, as FlopCounterMode counts)."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        for batch in batches:
+            with autocast(device, "bf16"):
+                windows, mask = model.encode_audio(batch["audio"], batch["audio_length"])
+                scores = model.score(model.encode_text(batch["caption"]), windows, mask)
+            multi_positive_contrastive_loss(scores.float(), batch["clip_index"]).backward()
+    model.zero_grad(set_to_none=True)
+    return float(counter.get_total_flops())
+
+
+def time_training(model: RetrievalModel, lever: dict, warmup: list[dict], timed: list[dict], device: str) -> dict:
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=2e-5, fused=lever["fused_adamw"] and device == "cuda")
+    scaler = torch.amp.GradScaler(device) if lever["precision"] == "fp16" and device == "cuda" else None
+    model.train()
+    for batch in warmup:
+        training_step(model, optimizer, scaler, batch, device, lever["precision"])
+    synchronize(device)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    with torch.no_grad(), autocast:
-        texts, all_windows, all_masks = [], [], []
-        for first in range(0, args.eval_clips, eval_batch):
-            count = min(eval_batch, args.eval_clips - first)
-            audio, lengths, captions = random_batch(count, None, generator, args.device)
-            windows, mask = model.encode_audio(audio, lengths)
+    for batch in timed:
+        training_step(model, optimizer, scaler, batch, device, lever["precision"])
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    del optimizer
+    return {"seconds": seconds, "samples_per_second": sum(len(b["caption"]) for b in timed) / seconds,
+            "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None}
+
+
+@torch.inference_mode()
+def time_evaluation(model: RetrievalModel, clips: int, batch_size: int, vocabulary: list[str], device: str,
+                    precision: str, generator: torch.Generator) -> float:
+    """Seconds for one full-split evaluation as the Lightning module does it: clips in batches with their captions,
+    then every caption against every clip, then the metrics."""
+    model.eval()
+    synchronize(device)
+    start = time.perf_counter()
+    texts, all_windows, all_masks = [], [], []
+    with autocast(device, precision):
+        for first in range(0, clips, batch_size):
+            batch = random_batch(min(batch_size, clips - first), None, vocabulary, generator, device)
+            windows, mask = model.encode_audio(batch["audio"], batch["audio_length"])
             all_windows.append(windows.float())
             all_masks.append(mask)
-            texts.append(model.encode_text(captions * 5).float())
-        scores = model.pooling.score(torch.cat(texts), torch.cat(all_windows), torch.cat(all_masks))
-    synchronize(args.device)
-    eval_seconds = (time.perf_counter() - start) * CLOTHO_EVAL_CLIPS / args.eval_clips
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or 'CPU'}, {torch.get_num_threads()} threads"
-    print(f"config={args.config} device={args.device} ({device_name}) batch={config['batch_size']} "
-          f"train={samples_per_second:.2f} samples/s over {len(timings)} steps; "
-          f"full evaluation split ({CLOTHO_EVAL_CLIPS} clips, scores {tuple(scores.shape)} measured on "
-          f"{args.eval_clips} clips) = {eval_seconds:.1f} s")
+            captions = [caption for caption in batch["caption"] for _ in range(CAPTIONS_PER_CLIP)]
+            texts.append(model.encode_text(captions).float())
+    caption_clip = torch.arange(clips, device=device).repeat_interleave(CAPTIONS_PER_CLIP)
+    scores = model.pooling.rank_split(torch.cat(texts), torch.cat(all_windows), torch.cat(all_masks), caption_clip)
+    retrieval_metrics(scores, caption_clip)
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def profile_training(model: RetrievalModel, lever: dict, batches: list[dict], device: str, path: str) -> None:
+    """Where a step's time goes: the operators by device time and by host time, written to `path`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-5,
+                                  fused=lever["fused_adamw"] and device == "cuda")
+    training_step(model, optimizer, None, batches[0], device, lever["precision"])
+    synchronize(device)
+    start = time.perf_counter()
+    with profile(activities=activities) as profiler:
+        for batch in batches[1:]:
+            training_step(model, optimizer, None, batch, device, lever["precision"])
+        synchronize(device)
+    wall = time.perf_counter() - start
+    averages = profiler.key_averages()
+    sort_key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    with open(path, "w") as handle:
+        handle.write(f"{len(batches) - 1} steps, {wall:.3f} s wall under the profiler\n")
+        handle.write(averages.table(sort_by=sort_key, row_limit=30) + "\n")
+        handle.write(averages.table(sort_by="self_cpu_time_total", row_limit=20) + "\n")
+    print(f"profile of {len(batches) - 1} steps written to {path}", flush=True)
+
+
+def machine(device: str) -> str:
+    if device == "cuda":
+        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
+    return f"{platform.processor() or 'CPU'}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def peak_flops(device: str) -> float | None:
+    if device != "cuda":
+        return None
+    name = torch.cuda.get_device_name()
+    return next((tflops * 1e12 for key, tflops in DENSE_BF16_PEAK_TFLOPS.items() if key in name), None)
+
+
+def report(record: dict, json_path: str | None) -> None:
+    print(json.dumps(record), flush=True)
+    if json_path:
+        with open(json_path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+def bench_step(args: argparse.Namespace) -> None:
+    config = dict(CONFIGS[args.config], **({"batch_size": args.batch_size} if args.batch_size else {}))
+    device, started = args.device, time.monotonic()
+    vocabulary = caption_vocabulary(2000)
+    with tempfile.TemporaryDirectory() as folder:
+        torch.manual_seed(0)
+        text_folder = write_text_model(Path(folder), vocabulary, **config["text"])
+        model = build_model(config, text_folder, device)
+    generator = torch.Generator().manual_seed(0)
+    batches = [random_batch(config["batch_size"], config["crop_seconds"], vocabulary, generator, device)
+               for _ in range(args.warmup + args.steps)]
+    warmup, timed = batches[:args.warmup], batches[args.warmup:]
+    flops = count_flops(model, timed, device)
+    common = {"config": args.config, "machine": machine(device), "batch": config["batch_size"],
+              "steps": args.steps, "model_tflop_per_sample": flops / (args.steps * config["batch_size"]) / 1e12}
+    for name in args.levers:
+        if name == "compile" and args.deadline and time.monotonic() - started > args.deadline:
+            report({**common, "lever": name, "skipped": f"past --deadline {args.deadline} s"}, args.json)
+            continue
+        lever = LEVERS[name]
+        apply_lever(model, lever)
+        lever_warmup = warmup * 3 if lever["compile"] else warmup  # new shapes compile during warm-up
+        result = time_training(model, lever, lever_warmup, timed, device)
+        peak = peak_flops(device)
+        result["mfu"] = flops / result["seconds"] / peak if peak else None
+        report({**common, "lever": name, "meaning": LEVER_MEANING[name], **result}, args.json)
+        if name in args.evaluate_after:
+            for eval_batch in args.eval_batches:
+                seconds = time_evaluation(model, args.eval_clips, eval_batch, vocabulary, device, lever["precision"],
+                                          generator)
+                report({**common, "lever": name, "evaluation_clips": args.eval_clips, "eval_batch": eval_batch,
+                        "evaluation_seconds": seconds,
+                        "full_split_seconds": seconds * CLOTHO_EVAL_CLIPS / args.eval_clips}, args.json)
+        if name == args.profile_after:
+            profile_training(model, lever, timed[:6], device, args.profile_file)
+
+
+def write_noise_dataset(folder: Path, clips: dict[str, int], text: dict | None, seed: int = 0) -> Path:
+    """Clotho's layout with noise clips at 32 kHz (no resampling to pay for) and demo-vocabulary captions, and a
+    random-init RoBERTa of the sizes in `text` (none if None)."""
+    rng = np.random.default_rng(seed)
+    vocabulary = caption_vocabulary(2000, seed)
+    for split, count in clips.items():
+        audio_folder = folder / split
+        audio_folder.mkdir(parents=True, exist_ok=True)
+        rows = []
+        for index in range(count):
+            name = f"{split}_{index:05d}.wav"
+            samples = int(rng.uniform(15, 30) * SAMPLE_RATE)
+            soundfile.write(audio_folder / name, rng.integers(-3000, 3000, samples, dtype=np.int16), SAMPLE_RATE,
+                            subtype="PCM_16")
+            rows.append([name, *(vocabulary[i] for i in rng.integers(len(vocabulary), size=CAPTIONS_PER_CLIP))])
+        write_captions_csv(folder / f"clotho_captions_{split}.csv", rows)
+    if text is not None:
+        write_text_model(folder, vocabulary, **text)
+    return folder
+
+
+def bench_fit(args: argparse.Namespace) -> None:
+    data_dir = Path(args.data_dir)
+    folder = data_dir / "clotho_bench"
+    if not folder.is_dir():
+        start = time.perf_counter()
+        write_noise_dataset(folder, dict(zip(("development", "validation", "evaluation"), args.clips)),
+                            ROBERTA_LARGE if args.config == "baseline" else CONFIGS["demo"]["text"])
+        print(f"data set written in {time.perf_counter() - start:.0f} s", flush=True)
+    config = CONFIGS[args.config]
+    settings = [f"directories.data_dir={data_dir}", "clotho_v2.folder_name=clotho_bench",
+                f"sentence_features.model=clotho_bench/{TEXT_MODEL_FOLDER}", f"audio_features.model={config['audio']}",
+                f"audio_features.segment_length={config['window_seconds']}",
+                f"audio_features.hop_length={config['window_seconds']}",
+                "audio_features.model_config.pretrained=False", f"shared_representation_size={config['shared']}",
+                "max_epochs=1", "warmup_length=0",
+                "rampdown_start=0", "rampdown_stop=1", f"data_loader.batch_size={config['batch_size']}",
+                f"data_loader.n_workers={args.workers}", *args.settings]
+    logged = run_experiment(data_dir, settings)
+    report({"command": "fit", "config": args.config, "machine": machine("cuda" if torch.cuda.is_available() else "cpu"),
+            "clips": args.clips, "settings": args.settings, "workers": args.workers, **logged}, args.json)
+
+
+def run_experiment(data_dir: Path, settings: list[str]) -> dict[str, float]:
+    """One `python -m experiments.ex_dcase24 with ...` run: its wall time and the `time/*` figures it logged last."""
+    start = time.perf_counter()
+    completed = subprocess.run([sys.executable, "-m", "experiments.ex_dcase24", "with", *settings],
+                               env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if completed.returncode:
+        sys.exit(f"training run failed:\n{completed.stdout[-3000:]}\n{completed.stderr[-3000:]}")
+    (metrics_file,) = sorted((data_dir / "runs").glob("*/logs/version_0/metrics.csv"), key=os.path.getmtime)[-1:]
+    logged = {"run_seconds": wall}
+    with open(metrics_file) as handle:
+        for row in csv.DictReader(handle):
+            logged.update({key: float(value) for key, value in row.items() if key.startswith("time/") and value})
+    return logged
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", help="also append each result as a JSON line to this file")
+    commands = parser.add_subparsers(dest="command", required=True)
+    step = commands.add_parser("step", help="the model step alone, lever by lever, and full-split evaluation")
+    step.add_argument("--config", choices=CONFIGS, default="demo")
+    step.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    step.add_argument("--steps", type=int, default=20, help="timed steps per lever")
+    step.add_argument("--warmup", type=int, default=3, help="untimed steps before each lever's timing")
+    step.add_argument("--batch-size", type=int, help="override the configuration's training batch")
+    step.add_argument("--levers", nargs="+", choices=LEVERS, default=[name for name in LEVERS if name != "compile"])
+    step.add_argument("--evaluate-after", nargs="*", choices=LEVERS, default=["published", "fused_adamw"],
+                      help="levers after which a full-split evaluation is timed")
+    step.add_argument("--eval-batches", type=int, nargs="+", default=[16, 64], help="clips per evaluation step")
+    step.add_argument("--eval-clips", type=int, default=CLOTHO_EVAL_CLIPS, help="timed, then scaled to 1,045")
+    step.add_argument("--deadline", type=float, help="skip `compile` if this many seconds have passed")
+    step.add_argument("--profile-after", choices=LEVERS, help="profile five training steps after this lever")
+    step.add_argument("--profile-file", default="stage1_profile.txt")
+    fit = commands.add_parser("fit", help="one epoch of the real experiment on a generated noise data set")
+    fit.add_argument("--config", choices=CONFIGS, default="demo")
+    fit.add_argument("--data-dir", required=True, help="where the data set is written (reused if present)")
+    fit.add_argument("--clips", type=int, nargs=3, default=[600, CLOTHO_EVAL_CLIPS, 20],
+                     metavar=("DEV", "VAL", "EVAL"))
+    fit.add_argument("--workers", type=int, default=8, help="data_loader.n_workers")
+    fit.add_argument("settings", nargs="*", help="further key=value settings of the experiment")
+    args = parser.parse_args()
+    bench_step(args) if args.command == "step" else bench_fit(args)
 
 
 if __name__ == "__main__":

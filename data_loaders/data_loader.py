@@ -93,8 +93,8 @@ class PadCollate:
 
 @clotho_v2.capture
 def get_dataset(split: str, clip_seconds: float, sample_rate: int, crop_seconds: float | None = None,
-                decode_workers: int = 0) -> Dataset:
-    """A split's dataset over an up-to-date audio cache (train: per caption; val/test: per clip)."""
+                decode_workers: int = 0, per_clip: bool = False) -> Dataset:
+    """A split's dataset over an up-to-date audio cache (train: per caption, unless `per_clip`; val/test: per clip)."""
     clips, audio_folder = load_split(split)
     cache_path = Path(dataset_folder()) / "audio_cache" / f"{audio_folder.name}.h5"
     names = [clip.file_name for clip in clips]
@@ -103,7 +103,7 @@ def get_dataset(split: str, clip_seconds: float, sample_rate: int, crop_seconds:
     else:  # one writer: the other ranks of a multi-process run wait for rank 0's cache
         cache = AudioCache(wait_for_cache(cache_path, audio_folder, names, sample_rate))
     clip_samples = round(clip_seconds * sample_rate)
-    if split == "train":
+    if split == "train" and not per_clip:
         crop_samples = round(crop_seconds * sample_rate) if crop_seconds else None
         return CaptionAudioDataset(clips, cache, clip_samples, crop_samples)
     return ClipDataset(clips, cache, clip_samples)

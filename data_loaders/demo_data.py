@@ -191,6 +191,13 @@ def synthesise_clip(events: list[str], seconds: float, rng: np.random.Generator,
     return (0.9 * mix / np.abs(mix).max()).astype(np.float32)
 
 
+def write_captions_csv(path: Path, rows: list[list[str]]) -> None:
+    """Clotho's captions CSV: `file_name, caption_1..caption_N` (N from the rows)."""
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        header = ["file_name"] + [f"caption_{i}" for i in range(1, len(rows[0]))]
+        csv.writer(handle).writerows([header, *rows])
+
+
 def _write_split(folder: Path, split: str, clips: int, rng: np.random.Generator, layout: str = "mixed") -> list[str]:
     audio_folder = folder / split
     audio_folder.mkdir(parents=True)
@@ -212,19 +219,21 @@ def _write_split(folder: Path, split: str, clips: int, rng: np.random.Generator,
         augmented_rows.append([file_name, *captions, *[describe(events, rng) for _ in range(5)]])
         metadata_rows.append([file_name, ";".join(events), index, f"https://example.org/demo/{index}",
                               "[0, 0]", NON_ASCII_MANUFACTURERS[index % len(NON_ASCII_MANUFACTURERS)], "CC0"])
-    with open(folder / f"clotho_captions_{split}.csv", "w", newline="", encoding="utf-8") as handle:
-        csv.writer(handle).writerows([["file_name"] + [f"caption_{i}" for i in range(1, 6)], *caption_rows])
+    write_captions_csv(folder / f"clotho_captions_{split}.csv", caption_rows)
     if split == "development":  # stands in for the Phi-4 overcaptions: five more paraphrases per clip
-        with open(folder / PHI4_CAPTIONS_FILE, "w", newline="", encoding="utf-8") as handle:
-            csv.writer(handle).writerows([["file_name"] + [f"caption_{i}" for i in range(1, 11)], *augmented_rows])
+        write_captions_csv(folder / PHI4_CAPTIONS_FILE, augmented_rows)
     with open(folder / f"clotho_metadata_{split}.csv", "w", newline="", encoding="ISO-8859-1") as handle:
         csv.writer(handle).writerows([["file_name", "keywords", "sound_id", "sound_link", "start_end_samples",
                                        "manufacturer", "license"], *metadata_rows])
     return all_captions
 
 
-def write_text_model(folder: Path, captions: list[str], hidden_size: int = 128, layers: int = 2) -> Path:
-    """A BPE tokenizer trained on the captions and a random-init RoBERTa, saved as a transformers model."""
+def write_text_model(folder: Path, captions: list[str], hidden_size: int = 128, layers: int = 2,
+                     attention_heads: int = 4, intermediate_size: int | None = None,
+                     vocab_size: int | None = None) -> Path:
+    """A BPE tokenizer trained on the captions and a random-init RoBERTa, saved as a transformers model.
+
+    The defaults make the demo's tiny model; benchmarks pass RoBERTa-large's sizes (its vocabulary included)."""
     from tokenizers import ByteLevelBPETokenizer
     from tokenizers.processors import RobertaProcessing
     from transformers import RobertaConfig, RobertaModel, RobertaTokenizerFast
@@ -241,8 +250,9 @@ def write_text_model(folder: Path, captions: list[str], hidden_size: int = 128, 
     tokenizer = RobertaTokenizerFast(tokenizer_object=bpe._tokenizer, cls_token="<s>", sep_token="</s>",
                                      model_max_length=64, **specials)
     tokenizer.save_pretrained(target)
-    config = RobertaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=layers,
-                           num_attention_heads=4, intermediate_size=2 * hidden_size, max_position_embeddings=66,
+    config = RobertaConfig(vocab_size=vocab_size or len(tokenizer), hidden_size=hidden_size, num_hidden_layers=layers,
+                           num_attention_heads=attention_heads, intermediate_size=intermediate_size or 2 * hidden_size,
+                           max_position_embeddings=66,
                            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                            eos_token_id=tokenizer.eos_token_id)
     RobertaModel(config, add_pooling_layer=False).save_pretrained(target)

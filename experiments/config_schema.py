@@ -11,11 +11,12 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from models.audio.passt import PASST_VARIANTS
+from models.audio.passt import ATTENTION_IMPLEMENTATIONS as AUDIO_ATTENTION, PASST_VARIANTS
 from models.heads import TEXT_PROJECTIONS
 from models.losses import POSITIVE_WEIGHTINGS
 from models.pooling import AGGREGATIONS, TAP_INITS
-from models.text.transformer import PUNCTUATION_MODES, resolve_text_model
+from models.text.transformer import ATTENTION_IMPLEMENTATIONS as TEXT_ATTENTION, PUNCTUATION_MODES, resolve_text_model
+from utils.checkpoints import LOAD_LAST, checkpoint_folder, resolve_checkpoint
 from utils.metrics import METRIC_NAMES
 from utils.schedule import RAMPDOWN_TYPES, validate_schedule
 
@@ -61,6 +62,8 @@ class AudioFeatures(Section):
     segment_length: Seconds
     hop_length: Optional[Seconds]
     aggregate: Literal[AGGREGATIONS]
+    attention: Literal[AUDIO_ATTENTION]
+    embed_all_windows: bool
     passt: PasstConfig = Field(alias="model_config")
 
 
@@ -72,6 +75,7 @@ class SentenceFeatures(Section):
     punctuation: Literal[PUNCTUATION_MODES]
     train_dropout: bool
     projection: Literal[TEXT_PROJECTIONS]
+    attention: Literal[TEXT_ATTENTION]
     frozen: bool
 
 
@@ -127,6 +131,7 @@ class Stage1Config(Section):
     positive_weighting: Literal[POSITIVE_WEIGHTINGS]
     shared_representation_size: Count
     normalize: bool
+    compile: bool
     precision: Any
     accumulate_grad_batches: Count
     gradient_clip_val: Optional[NonNegative]
@@ -144,7 +149,11 @@ class Stage1Config(Section):
     wandb_entity: Optional[str]
     run_name: Optional[str]
     load_parameters: Optional[str]
+    load_last: Literal[LOAD_LAST]
     resume_training: Optional[str]
+    loss_weight: NonNegative
+    distill_weight: NonNegative
+    distill_from: Optional[str]
     seed: int
 
     @field_validator("precision")
@@ -204,10 +213,38 @@ def cross_key_problems(config: Stage1Config) -> list[str]:
         resolve_text_model(config.sentence_features.model, config.directories.data_dir)
     except ValueError as error:
         problems.append(str(error))
-    for key in ("load_parameters", "resume_training"):
-        path = getattr(config, key)
-        if path is not None and not Path(path).expanduser().is_file():
-            problems.append(f"{key}={path!r}: checkpoint file not found")
+    runs = Path(config.directories.data_dir).expanduser() / "runs"
+    if config.resume_training is not None and not Path(config.resume_training).expanduser().is_file():
+        problems.append(f"resume_training={config.resume_training!r}: checkpoint file not found")
+    if config.load_parameters is not None:
+        try:
+            resolve_checkpoint(config.load_parameters, config.load_last, runs)
+        except FileNotFoundError as error:
+            problems.append(str(error))
+    problems += stage2_problems(config, runs)
+    return problems
+
+
+def stage2_problems(config: Stage1Config, runs: Path) -> list[str]:
+    teachers = [name.strip() for name in (config.distill_from or "").split(";") if name.strip()]
+    if config.loss_weight == 0 and config.distill_weight == 0:
+        return ["loss_weight=0 and distill_weight=0: nothing to train; stage 1 uses loss_weight=1.0, stage 2 "
+                "loss_weight=0.0 distill_weight=1.0"]
+    if config.distill_weight > 0 and not teachers:
+        return [f"distill_weight={config.distill_weight:g} but distill_from names no stage-1 run (runs separated by "
+                f"';', e.g. distill_from=RUN_NAME)"]
+    if teachers and config.distill_weight == 0:
+        return [f"distill_from={config.distill_from!r} but distill_weight=0: the teachers would not be used; set "
+                f"distill_weight=1.0 (salsa's stage 2) or drop distill_from"]
+    problems = []
+    for name in teachers:
+        try:
+            checkpoint_folder(name, runs)
+        except FileNotFoundError as error:
+            problems.append(str(error))
+    if teachers and (config.devices not in (1, [0]) or config.num_nodes > 1):
+        problems.append(f"distill_from with devices={config.devices!r} num_nodes={config.num_nodes}: stage 2 trains "
+                        f"on one device for now (its targets are computed per local batch)")
     return problems
 
 

@@ -14,22 +14,25 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
 from sacred import Experiment
+from tqdm import tqdm
 
 from data_loaders.audio_cache import stale_clips
 from data_loaders.clotho_v2 import SPLITS, captions_csv, clotho_v2, load_split, read_captions
 from data_loaders.data_loader import data_loader, get_data_loader, get_dataset
+from data_loaders.stored_embeddings import EmbeddingSource, load_stored_embeddings, write_embeddings
 from experiments.config_schema import LEARNING_RATE_KEYS, TEST_WEIGHTS, validate_config
 from experiments.retrieval_module import OptimisationSettings, RetrievalModule
-from experiments.tracking import (RUN_FOLDER_VARIABLE, SacredMetrics, fit_recording_interrupts,
+from experiments.tracking import (RUN_FOLDER_VARIABLE, SacredMetrics, Throughput, fit_recording_interrupts,
                                   prepare_observer_options, route_mongo_failures)
 from models.audio.passt import PasstEncoder, pretrained_weights_path
-from models.pooling import MeanPooling, OwnCaptionAttentionPooling, Pooling, TextAwareAttentionPooling
+from models.pooling import POOLINGS, Pooling, make_pooling
 from models.retrieval_model import RetrievalModel
+from models.teacher import Teacher
 from models.text.transformer import TextEncoder, resolve_text_model, text_model_available
-from utils.checkpoints import load_model_weights, read_checkpoint
+from utils.checkpoints import checkpoint_folder, load_model_weights, read_checkpoint, resolve_checkpoint
 from utils.directories import directories, get_data_dir
 from utils.distributed import is_rank_zero
 from utils.metrics import chance_metrics
@@ -40,7 +43,7 @@ ex = Experiment("dcase24", ingredients=[directories, clotho_v2, data_loader])
 DEMO_AUDIO_MODEL = "passt_small"
 DEMO_TEXT_MODEL = "clotho_demo/roberta-tiny"
 COMMAND_OPTIONS = ("output", "load_model")  # arguments of commands (print_lr, cmd_test_on_clothov2), not settings
-POOLINGS = {"mean": MeanPooling, "TAP": TextAwareAttentionPooling, "TAP_own_caption": OwnCaptionAttentionPooling}
+PROGRESS_BAR_REFRESH_STEPS = 10
 
 
 @ex.option_hook
@@ -57,6 +60,9 @@ def default_config():
         "segment_length": 10,  # seconds of audio per encoder window
         "hop_length": 10,  # seconds between window starts; None: segment_length
         "aggregate": "mean",  # mean | TAP (each caption queries each clip) | TAP_own_caption (published protocol)
+        "attention": "sdpa",  # sdpa: fused attention kernels | explicit: hear21passt's softmax(QK^T)V (same function)
+        "embed_all_windows": False,  # True: padding windows go through PaSST too (masked afterwards): fixed shapes,
+        # no host synchronisation per step, ~17% more audio FLOPs; faster on GPUs (benchmarks/RESULTS.md)
         "model_config": {
             "s_patchout_t": 15,  # structured patchout: time columns dropped in training
             "s_patchout_f": 2,  # structured patchout: frequency rows dropped in training
@@ -74,6 +80,7 @@ def default_config():
         "punctuation": "delete",  # delete: "nature's" -> "natures" (published) | space: "nature s"
         "train_dropout": False,  # False: dropout off in training, as published | True: 0.2 hidden/attention dropout
         "projection": "none",  # none: unprojected, as at the commits that report 30.16 | linear: salsa's Linear
+        "attention": "sdpa",  # sdpa: fused attention kernels | eager: transformers' explicit softmax (same function)
         "frozen": False,
     }
     stand_in_models = False  # CPU stand-ins: passt -> passt_small, any text model -> the demo's tiny RoBERTa
@@ -102,6 +109,7 @@ def default_config():
     positive_weighting = "pair"  # pair: every positive pair weighs the same (published) | row: every caption/clip
     shared_representation_size = 1024
     normalize = True  # L2-normalise embeddings (cosine similarity)
+    compile = False  # torch.compile both encoders (the first steps of each new shape pay for the compilation)
     precision = "16-mixed"  # Lightning precision: 16-mixed (fp16 AMP, published) | bf16-mixed | 32
     accumulate_grad_batches = 1
     gradient_clip_val = None
@@ -118,8 +126,12 @@ def default_config():
     wandb_project = "dcase24-retrieval"
     wandb_entity = None
     run_name = None  # W&B run name
-    load_parameters = None  # checkpoint whose model weights initialise this run
+    load_parameters = None  # weights that initialise this run: a checkpoint, a run folder or a run name (data_dir/runs)
+    load_last = "best"  # of a run given by folder or name: best (validation) or last checkpoint
     resume_training = None  # checkpoint to continue (optimizer, schedule and epoch included)
+    loss_weight = 1.0  # weight of the contrastive loss (stage 2, salsa: 0.0)
+    distill_weight = 0.0  # weight of the distillation loss (stage 2, salsa: 1.0)
+    distill_from = None  # stage 2: stage-1 runs (folders or names) whose stored embeddings teach, separated by ";"
     seed = 409194
 
 
@@ -151,6 +163,16 @@ def demo():
 
 
 @ex.named_config
+def fast_gpu():
+    # The published system with the speed levers that paid on an H200 (benchmarks/RESULTS.md): bf16 instead of fp16
+    # autocast (no gradient scaler and its per-step host synchronisation), every window embedded (fixed shapes),
+    # evaluation in batches of 64 clips. SDPA attention and fused AdamW are on by default.
+    precision = "bf16-mixed"
+    audio_features = {"embed_all_windows": True}
+    data_loader = {"batch_size_eval": 64, "n_workers": 8}
+
+
+@ex.named_config
 def lean_single_gpu():
     # The published memory-lean single-GPU recipe (`make train`): effective batch 36 = 6 x 6 accumulation,
     # 12 s training crops, bf16, 20 epochs with 1 warm-up epoch, peak learning rate 3e-6, clipping at 1.0.
@@ -168,6 +190,10 @@ def lean_single_gpu():
     lr_tap = 3e-6
     gradient_clip_val = 1.0
     require_gpu = True
+
+
+def runs_folder() -> Path:
+    return get_data_dir() / "runs"
 
 
 def uses_cuda(accelerator: str) -> bool:
@@ -210,7 +236,9 @@ def build_audio_encoder(audio_features: dict, stand_in_models: bool) -> PasstEnc
                         pretrained=config["pretrained"] and not stand_in_models, s_patchout_t=config["s_patchout_t"],
                         s_patchout_f=config["s_patchout_f"], freqm=config["freqm"], timem=config["timem"],
                         frozen=config["frozen"],
-                        embed_padding_windows=POOLINGS[audio_features["aggregate"]].uses_padding_windows)
+                        embed_padding_windows=(POOLINGS[audio_features["aggregate"]].uses_padding_windows
+                                               or audio_features["embed_all_windows"]),
+                        attention=audio_features["attention"])
 
 
 @ex.capture
@@ -221,27 +249,24 @@ def build_text_encoder(sentence_features: dict, stand_in_models: bool) -> TextEn
                        lowercase=sentence_features["lowercase"],
                        remove_punctuation=sentence_features["remove_punctuation"],
                        punctuation=sentence_features["punctuation"], frozen=sentence_features["frozen"],
-                       train_dropout=sentence_features["train_dropout"])
+                       train_dropout=sentence_features["train_dropout"], attention=sentence_features["attention"])
 
 
 @ex.capture
 def build_pooling(audio_features: dict, tap_hyperparams: dict, shared_representation_size: int,
                   normalize: bool) -> Pooling:
-    pooling = POOLINGS[audio_features["aggregate"]]
-    if pooling is MeanPooling:
-        return MeanPooling(normalize=normalize)
-    return pooling(shared_representation_size, dim=tap_hyperparams["dim"],
-                   p_dropout_weights=tap_hyperparams["p_dropout_weights"],
-                   p_dropout_proj=tap_hyperparams["p_dropout_proj"], normalize=normalize,
-                   shared_norm=tap_hyperparams["shared_norm"], init=tap_hyperparams["init"])
+    return make_pooling(audio_features["aggregate"], shared_representation_size, normalize, dict(tap_hyperparams))
 
 
 @ex.capture
 def build_model(shared_representation_size: int, sentence_features: dict, initial_tau: float,
-                freeze_tau: bool) -> RetrievalModel:
-    return RetrievalModel(build_audio_encoder(), build_text_encoder(), build_pooling(), shared_representation_size,
-                          text_projection=sentence_features["projection"], initial_tau=initial_tau,
-                          freeze_tau=freeze_tau)
+                freeze_tau: bool, compile: bool) -> RetrievalModel:
+    model = RetrievalModel(build_audio_encoder(), build_text_encoder(), build_pooling(), shared_representation_size,
+                           text_projection=sentence_features["projection"], initial_tau=initial_tau,
+                           freeze_tau=freeze_tau)
+    if compile:
+        model.compile_encoders()
+    return model
 
 
 @ex.capture
@@ -267,9 +292,9 @@ def run_folder(_run) -> Path:
     """A fresh folder per run below data_dir/runs for checkpoints and local logs, made by rank 0 alone (the
     other ranks get its path; they write nothing, and Lightning broadcasts the checkpoint folder)."""
     if not is_rank_zero():
-        return Path(os.environ.get(RUN_FOLDER_VARIABLE, get_data_dir() / "runs"))
+        return Path(os.environ.get(RUN_FOLDER_VARIABLE, runs_folder()))
     run_id = _run._id if _run._id is not None else "local"
-    folder = create_unique_folder(get_data_dir() / "runs", f"{time.strftime('%Y%m%d-%H%M%S')}-{run_id}")
+    folder = create_unique_folder(runs_folder(), f"{time.strftime('%Y%m%d-%H%M%S')}-{run_id}")
     os.environ[RUN_FOLDER_VARIABLE] = str(folder)
     return folder
 
@@ -296,7 +321,9 @@ def build_trainer(folder: Path, max_epochs: int, precision, accumulate_grad_batc
     return L.Trainer(max_epochs=max_epochs, precision=precision, accumulate_grad_batches=accumulate_grad_batches,
                      gradient_clip_val=gradient_clip_val, accelerator=accelerator, devices=devices,
                      num_nodes=num_nodes, strategy=strategy, default_root_dir=folder, logger=build_loggers(folder),
-                     callbacks=[checkpoint, LearningRateMonitor(logging_interval="step"), SacredMetrics(_run)],
+                     # The bar reads its values from the device: refreshing every step would synchronise every step.
+                     callbacks=[checkpoint, LearningRateMonitor(logging_interval="step"), Throughput(),
+                                SacredMetrics(_run), TQDMProgressBar(refresh_rate=PROGRESS_BAR_REFRESH_STEPS)],
                      log_every_n_steps=log_every_n_steps,
                      num_sanity_val_steps=0)
 
@@ -402,6 +429,52 @@ def cmd_check_setup(_run) -> dict:
     return report
 
 
+@ex.command
+def cmd_generate_embeddings(train_on: str, clotho_v2: dict, audio_features: dict, tap_hyperparams: dict,
+                            shared_representation_size: int, normalize: bool, precision, accelerator: str,
+                            data_loader: dict) -> dict:
+    """Stage 2, step 1 (salsa): embed every training clip and caption with the weights of `load_parameters` (a run's
+    `load_last` checkpoint) in eval mode, into two files beside that checkpoint."""
+    check_config()
+    check_hardware()
+    checkpoint = initial_weights()
+    if checkpoint is None:
+        raise ValueError("cmd_generate_embeddings needs load_parameters=RUN (a run folder, a run name in "
+                         f"{runs_folder()}, or a checkpoint)")
+    clips, audio_folder = load_split("train")
+    check_weights()
+    model = build_model()
+    load_model_weights(model, checkpoint)
+    dataset = get_dataset("train", per_clip=True, decode_workers=data_loader["n_workers"])
+    loader = get_data_loader(dataset, train=False)
+    device = torch.device("cuda" if uses_cuda(accelerator) else "cpu")
+    dtype = {"16": torch.float16, "bf": torch.bfloat16}.get(str(precision)[:2])
+    model.eval().to(device)
+    start = time.perf_counter()
+    windows, masks, captions = {}, {}, {}
+    with torch.no_grad(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        for batch in tqdm(loader, desc="embedding the training set", unit="batch"):
+            sequences, mask = model.encode_audio(batch["audio"].to(device), batch["audio_length"].to(device))
+            texts = [caption for clip_captions in batch["captions"] for caption in clip_captions]
+            # clone: a row of a batch tensor would be saved with the whole batch's storage
+            embedded = model.encode_text(texts).float().cpu()
+            captions.update((text, vector.clone()) for text, vector in zip(texts, embedded))
+            for row, clip_index in enumerate(batch["clip_index"].tolist()):
+                key = f"{audio_folder.name}/{clips[clip_index].file_name}"
+                windows[key], masks[key] = sequences[row].float().cpu().clone(), mask[row].cpu().clone()
+    pooling = {"aggregate": audio_features["aggregate"], "shared_size": shared_representation_size,
+               "normalize": normalize, "tap_hyperparams": dict(tap_hyperparams),
+               "state_dict": {name: tensor.cpu() for name, tensor in model.pooling.state_dict().items()}}
+    files = write_embeddings(EmbeddingSource(checkpoint, clotho_v2["folder_name"], train_on), windows, masks,
+                             captions, pooling)
+    summary = {"clips": len(windows), "captions": len(captions), "seconds": round(time.perf_counter() - start, 1),
+               **{f"{kind}_file": str(path) for kind, path in zip(("audio", "caption"), files)},
+               "megabytes": round(sum(path.stat().st_size for path in files) / 2**20, 1)}
+    print(f"embedded {summary['clips']} clips and {summary['captions']} captions in {summary['seconds']} s: "
+          f"{files[0]}, {files[1]} ({summary['megabytes']} MiB)")
+    return summary
+
+
 def evaluate_checkpoint(trainer: L.Trainer, module: RetrievalModule, loader, checkpoint: str,
                     prefix: str) -> dict[str, float]:
     """Test-split metrics of one checkpoint's weights, logged under `prefix`."""
@@ -410,28 +483,51 @@ def evaluate_checkpoint(trainer: L.Trainer, module: RetrievalModule, loader, che
     return {key.removeprefix(f"{prefix}/"): value for key, value in tested.items()}
 
 
+@ex.capture
+def initial_weights(load_parameters: str | None, load_last: str) -> Path | None:
+    """The checkpoint `load_parameters` names (a file, or a run's best/last checkpoint), read once to check it."""
+    if not load_parameters:
+        return None
+    checkpoint = resolve_checkpoint(load_parameters, load_last, runs_folder())
+    read_checkpoint(checkpoint, "load_parameters")
+    return checkpoint
+
+
+@ex.capture
+def build_teachers(distill_weight: float, distill_from: str | None, train_on: str, clotho_v2: dict) -> list[Teacher]:
+    """Stage 2: the stage-1 runs of `distill_from`, each from its stored embeddings of this training set."""
+    if distill_weight == 0:
+        return []
+    clips, audio_folder = load_split("train")
+    keyed = [(f"{audio_folder.name}/{clip.file_name}", clip) for clip in clips]
+    return [Teacher(load_stored_embeddings(name, checkpoint_folder(name, runs_folder()), train_on,
+                                           clotho_v2["folder_name"], keyed))
+            for name in (name.strip() for name in distill_from.split(";")) if name]
+
+
 @ex.main
-def train_and_evaluate(load_parameters: str | None, resume_training: str | None, seed: int, test_weights: str,
-                       positive_weighting: str, _run) -> dict[str, float]:
+def train_and_evaluate(resume_training: str | None, seed: int, test_weights: str, positive_weighting: str,
+                       loss_weight: float, distill_weight: float, _run) -> dict[str, float]:
     """Trains, then tests the weights `test_weights` selects (and logs the other's metrics as test_<other>/*).
 
-    Checks run in the order that costs least when they fail: config, data files, checkpoints, weights, then models.
+    Checks run in the order that costs least when they fail: config, data files, checkpoints and stored
+    embeddings, weights, then models.
     """
     check_config()
     check_hardware()
     for split in SPLITS:
         load_split(split)
-    if load_parameters:
-        read_checkpoint(load_parameters, "load_parameters")
+    checkpoint = initial_weights()
     if resume_training:
         read_checkpoint(resume_training, "resume_training", needs=("state_dict", "optimizer_states", "loops"))
+    teachers = build_teachers()
     check_weights()
     L.seed_everything(seed, workers=True)
     model = build_model()
-    if load_parameters:
-        load_model_weights(model, load_parameters)
+    if checkpoint:
+        load_model_weights(model, checkpoint)
     loaders = build_data_loaders()
-    module = RetrievalModule(model, build_optimisation(), positive_weighting)
+    module = RetrievalModule(model, build_optimisation(), positive_weighting, teachers, loss_weight, distill_weight)
     folder = run_folder()
     route_mongo_failures(_run, folder)
     _run.info["run_folder"] = str(folder)

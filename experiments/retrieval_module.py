@@ -1,6 +1,7 @@
 """Lightning wrapper: training and evaluation loops around RetrievalModel, no maths of its own."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -8,8 +9,9 @@ import lightning as L
 import torch
 
 from models.distributed_loss import global_contrastive_loss
-from models.losses import multi_positive_contrastive_loss
+from models.losses import distillation_loss, multi_positive_contrastive_loss
 from models.retrieval_model import RetrievalModel
+from models.teacher import Teacher
 from utils.distributed import gather_evaluation
 from utils.metrics import retrieval_metrics
 from utils.schedule import learning_rate_factor
@@ -32,11 +34,16 @@ class OptimisationSettings:
 
 
 class RetrievalModule(L.LightningModule):
-    def __init__(self, model: RetrievalModel, optimisation: OptimisationSettings, positive_weighting: str = "pair"):
+    """`teachers` (stage 2): stage-1 models whose estimated correspondences the training loss also fits, weighted
+    `distill_weight` against `loss_weight` for the contrastive loss (salsa's keys)."""
+
+    def __init__(self, model: RetrievalModel, optimisation: OptimisationSettings, positive_weighting: str = "pair",
+                 teachers: Sequence[Teacher] = (), loss_weight: float = 1.0, distill_weight: float = 0.0):
         super().__init__()
         self.model = model
         self.optimisation = optimisation
         self.positive_weighting = positive_weighting
+        self.teachers, self.loss_weight, self.distill_weight = list(teachers), loss_weight, distill_weight
         self.test_prefix = "test"  # the metrics' prefix of the next test run (e.g. test_best for a second one)
         self._evaluation: list[dict[str, torch.Tensor]] = []
 
@@ -63,7 +70,9 @@ class RetrievalModule(L.LightningModule):
     def configure_optimizers(self):
         settings = self.optimisation
         groups = self.parameter_groups()
-        optimizer = torch.optim.AdamW(groups, weight_decay=settings.weight_decay)
+        # Fused AdamW on GPUs: one kernel for all parameters instead of a loop of per-tensor ones, same update.
+        fused = all(parameter.is_cuda for group in groups for parameter in group["params"])
+        optimizer = torch.optim.AdamW(groups, weight_decay=settings.weight_decay, fused=fused)
         steps_per_epoch = max(1.0, self.trainer.estimated_stepping_batches / self.trainer.max_epochs)
         factors = [partial(learning_rate_factor, steps_per_epoch=steps_per_epoch, peak_lr=group["lr"],
                            min_lr=min(settings.min_lr, group["lr"]), warmup_length=settings.warmup_length,
@@ -80,10 +89,17 @@ class RetrievalModule(L.LightningModule):
             loss = global_contrastive_loss(self.model, text, windows, mask, batch["clip_index"],
                                            self.positive_weighting)
         else:
-            loss = multi_positive_contrastive_loss(self.model.score(text, windows, mask), batch["clip_index"],
-                                                   self.positive_weighting)
+            scores = self.model.score(text, windows, mask)
+            loss = multi_positive_contrastive_loss(scores, batch["clip_index"], self.positive_weighting)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["caption"]), sync_dist=distributed)
         self.log("train/tau", self.model.tau.detach(), batch_size=len(batch["caption"]))
+        loss = self.loss_weight * loss
+        if self.teachers:  # stage 2 trains on one device (the config check says so)
+            estimates = torch.stack([teacher.similarities(batch["caption"], batch["clip_index"])
+                                     for teacher in self.teachers]).to(scores.dtype)
+            distillation = distillation_loss(scores, estimates, self.model.temperature())
+            self.log("train/distill_loss", distillation, batch_size=len(batch["caption"]))
+            loss = loss + self.distill_weight * distillation
         return loss
 
     def _evaluation_step(self, batch: dict) -> None:

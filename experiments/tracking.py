@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import lightning as L
+import torch
 from sacred.observers import FileStorageObserver, MongoObserver
 from sacred.observers.mongo import parse_mongo_db_arg
 from sacred.utils import SacredInterrupt
@@ -103,18 +105,19 @@ class SacredMetrics(L.Callback):
 
     def __init__(self, run):
         self.run = run
-        self._losses: list[float] = []
+        self._losses: list[torch.Tensor] = []
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_index) -> None:
-        self._losses.append(float(outputs["loss"]))
+        self._losses.append(outputs["loss"].detach())  # stays on the device: no synchronisation per step
 
     def on_train_epoch_end(self, trainer, module) -> None:
         epoch = trainer.current_epoch
         if self._losses:
-            self.run.log_scalar("train/loss", sum(self._losses) / len(self._losses), epoch)
+            self.run.log_scalar("train/loss", torch.stack(self._losses).float().mean().item(), epoch)
             self._losses.clear()
         for group in trainer.optimizers[0].param_groups:
             self.run.log_scalar(f"lr-AdamW/{group['name']}", group["lr"], epoch)
+        self._log_prefixed(trainer, "time/")  # from Throughput, which runs before this callback
 
     def _log_prefixed(self, trainer, prefix: str) -> None:
         for name, value in trainer.callback_metrics.items():
@@ -127,6 +130,57 @@ class SacredMetrics(L.Callback):
 
     def on_test_end(self, trainer, module) -> None:
         self._log_prefixed(trainer, f"{module.test_prefix}/")
+
+
+def _synchronize(module: L.LightningModule) -> None:
+    if module.device.type == "cuda":
+        torch.cuda.synchronize(module.device)
+
+
+class Throughput(L.Callback):
+    """Per epoch: training captions per second (of all ranks) after `warmup_batches` (allocation, kernel selection
+    and compilation happen there), the epoch's training seconds without its validation, and the validation seconds,
+    logged as `time/*`. Synchronises the device only at those few boundaries, never per step."""
+
+    def __init__(self, warmup_batches: int = 10):
+        self.warmup_batches = warmup_batches
+        self._epoch_start = self._steady_start = self._validation_start = 0.0
+        self._steady_samples = 0
+        self._validation_seconds = 0.0
+
+    def on_train_epoch_start(self, trainer, module) -> None:
+        _synchronize(module)
+        self._epoch_start = time.perf_counter()
+        self._steady_start, self._steady_samples, self._validation_seconds = 0.0, 0, 0.0
+
+    def on_train_batch_start(self, trainer, module, batch, batch_index) -> None:
+        if batch_index == self.warmup_batches:
+            _synchronize(module)
+            self._steady_start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_index) -> None:
+        if batch_index >= self.warmup_batches:  # every rank steps together: the run's rate counts them all
+            self._steady_samples += len(batch["clip_index"]) * trainer.world_size
+
+    def on_validation_epoch_start(self, trainer, module) -> None:
+        _synchronize(module)
+        self._validation_start = time.perf_counter()
+
+    def on_validation_epoch_end(self, trainer, module) -> None:
+        _synchronize(module)
+        seconds = time.perf_counter() - self._validation_start
+        self._validation_seconds += seconds
+        if not trainer.sanity_checking:
+            module.log("time/validation_seconds", seconds)
+
+    def on_train_epoch_end(self, trainer, module) -> None:
+        _synchronize(module)
+        now = time.perf_counter()
+        # Lightning validates inside the training epoch: its time is taken out of both figures.
+        module.log("time/train_epoch_seconds", now - self._epoch_start - self._validation_seconds)
+        if self._steady_samples:
+            steady_seconds = now - self._steady_start - self._validation_seconds
+            module.log("time/train_samples_per_second", self._steady_samples / steady_seconds)
 
 
 class TrainingInterrupted(SacredInterrupt):

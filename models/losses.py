@@ -47,3 +47,21 @@ def sharded_contrastive_loss(caption_scores: torch.Tensor, clip_scores: torch.Te
     text_to_audio = (caption_weights * F.log_softmax(caption_scores, dim=1)).sum()
     audio_to_text = (clip_weights * F.log_softmax(clip_scores, dim=0)).sum()
     return -0.5 * (text_to_audio + audio_to_text)
+
+
+def distillation_loss(scores: torch.Tensor, teacher_similarities: torch.Tensor, temperature: torch.Tensor | float
+                      ) -> torch.Tensor:
+    """Stage 2 (salsa): the student's logits against correspondences estimated by stage-1 models.
+
+    scores: the student's (captions, clips) logits; teacher_similarities: (teachers, captions, clips) cosine
+    similarities of the batch by each stage-1 model. The targets are their mean divided by the student's
+    temperature, made distributions by a softmax over clips (per caption) and over captions (per clip); the loss
+    is the mean of the two cross-entropies, each averaged over its rows.
+    """
+    if teacher_similarities.dim() != 3 or teacher_similarities.shape[1:] != scores.shape:
+        raise ValueError(f"teacher similarities {tuple(teacher_similarities.shape)} must be (teachers, "
+                         f"{scores.shape[0]}, {scores.shape[1]}) for scores {tuple(scores.shape)}")
+    targets = teacher_similarities.mean(dim=0) / temperature
+    caption_to_clip = F.cross_entropy(scores, targets.softmax(dim=1))
+    clip_to_caption = F.cross_entropy(scores.t(), targets.t().softmax(dim=1))
+    return 0.5 * (caption_to_clip + clip_to_caption)

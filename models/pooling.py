@@ -241,3 +241,16 @@ class OwnCaptionAttentionPooling(TextAwareAttentionPooling):
         if bool((first_caption == len(text)).any()):
             raise ValueError("own-caption pooling: a clip of the split has no caption")
         return self.normalized(text) @ self.pool(text[first_caption], windows).t()
+
+
+POOLINGS = {"mean": MeanPooling, "TAP": TextAwareAttentionPooling, "TAP_own_caption": OwnCaptionAttentionPooling}
+
+
+def make_pooling(aggregate: str, shared_size: int, normalize: bool, tap_hyperparams: dict) -> Pooling:
+    """The pooling `audio_features.aggregate` names; `tap_hyperparams` (dim, p_dropout_weights, p_dropout_proj,
+    shared_norm, init) configure the attention poolings."""
+    if aggregate not in POOLINGS:
+        raise ValueError(f"audio_features.aggregate={aggregate!r} is not one of {', '.join(POOLINGS)}")
+    if aggregate == "mean":
+        return MeanPooling(normalize=normalize)
+    return POOLINGS[aggregate](shared_size, normalize=normalize, **tap_hyperparams)

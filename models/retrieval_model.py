@@ -46,5 +46,10 @@ class RetrievalModel(nn.Module):
         caption_scores, clip_scores = self.pooling.shard_scores(text, windows, mask, own)
         return caption_scores / self.temperature(), clip_scores / self.temperature()
 
+    def compile_encoders(self, backend: str = "inductor") -> None:
+        """torch.compile the two transformers in place (their state-dict keys stay as they are)."""
+        self.audio_encoder.compile_transformer(backend)
+        self.text_encoder.compile_transformer(backend)
+
     def temperature(self) -> torch.Tensor:
         return self.tau.clamp(min=1e-4)

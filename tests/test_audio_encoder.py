@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from models.audio.passt import PasstEncoder, mel_frames
+from models.audio.passt import PasstEncoder, ScaledDotProductAttention, mel_frames
 from models.audio.windowing import split_into_windows, window_count
 from models.pooling import masked_mean
 
@@ -110,3 +110,35 @@ def test_published_passt_architecture_builds_with_random_weights():
 def test_frozen_encoder_stays_in_eval_mode_without_gradients():
     encoder = PasstEncoder("passt_small", window_seconds=2, pretrained=False, frozen=True).train()
     assert not encoder.training and not any(p.requires_grad for p in encoder.parameters())
+
+
+@pytest.mark.parametrize("model, seconds", [("passt", 10), ("passt_small", 4)])
+def test_sdpa_attention_equals_hear21passts_own_attention_on_the_same_weights(model, seconds):
+    torch.manual_seed(0)
+    explicit = PasstEncoder(model, window_seconds=seconds, pretrained=False, attention="explicit").eval()
+    assert type(explicit.network.blocks[0].attn).__module__ == "hear21passt.models.passt"
+    fused = PasstEncoder(model, window_seconds=seconds, pretrained=False, attention="sdpa").eval()
+    fused.load_state_dict(explicit.state_dict())  # strict: the same weights under the same keys
+    assert isinstance(fused.network.blocks[0].attn, ScaledDotProductAttention)
+    audio = torch.randn(2, seconds * 32000) * 0.1
+    with torch.no_grad():
+        difference = (fused.embed_windows(audio) - explicit.embed_windows(audio)).abs().max()
+    assert difference < 1e-5
+
+
+def test_attention_choice_is_checked():
+    with pytest.raises(ValueError, match=r"audio_features.attention='flash' is not one of sdpa, explicit"):
+        PasstEncoder("passt_small", window_seconds=2, pretrained=False, attention="flash")
+
+
+def test_embedding_all_windows_changes_nothing_at_the_real_ones(small_encoder):
+    audio = torch.randn(3, 6 * 32000) * 0.1
+    lengths = torch.tensor([6 * 32000, 3 * 32000, 32000])
+    with torch.no_grad():
+        selected, mask = small_encoder(audio, lengths)
+        small_encoder.embed_padding_windows = True
+        everything, same_mask = small_encoder(audio, lengths)
+        small_encoder.embed_padding_windows = False
+    assert torch.equal(mask, same_mask) and mask.sum() == 6
+    torch.testing.assert_close(everything[mask], selected[mask], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(masked_mean(everything, mask), masked_mean(selected, mask), atol=1e-5, rtol=1e-4)

@@ -14,7 +14,8 @@ from experiments.ex_dcase24 import ex
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_demo(data_dir: Path, **updates):
+def run_demo(data_dir: Path, command: str | None = None, **updates):
+    """`command` (None: training) of the demo on `data_dir`; keys of nested settings are joined by `__`."""
     config = {"directories": {"data_dir": str(data_dir)}, "data_loader": {"n_workers": 0}, "max_epochs": 1}
     for key, value in updates.items():
         target = config
@@ -22,7 +23,7 @@ def run_demo(data_dir: Path, **updates):
         for parent in parents:
             target = target.setdefault(parent, {})
         target[leaf] = value
-    return ex.run(named_configs=["demo"], config_updates=config, options={"--loglevel": "ERROR"})
+    return ex.run(command, named_configs=["demo"], config_updates=config, options={"--loglevel": "ERROR"})
 
 
 def test_unreadable_audio_is_named_before_training(data_dir):

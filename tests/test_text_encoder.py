@@ -61,3 +61,14 @@ def test_missing_local_model_is_a_clear_error(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(RuntimeError, match=f"text model '{tmp_path}' could not be loaded"):
         TextEncoder(str(tmp_path))
+
+
+def test_sdpa_and_eager_attention_give_the_same_embeddings(data_dir):
+    folder = str(data_dir / "clotho_demo" / "roberta-tiny")
+    fused, eager = TextEncoder(folder, attention="sdpa").eval(), TextEncoder(folder, attention="eager").eval()
+    assert (fused.model.config._attn_implementation, eager.model.config._attn_implementation) == ("sdpa", "eager")
+    captions = ["a dog barks", "rain falls on a tin roof while thunder rumbles far away"]  # padding in the first
+    with torch.no_grad():
+        assert (fused(captions) - eager(captions)).abs().max() < 1e-5
+    with pytest.raises(ValueError, match="sentence_features.attention='flash' is not one of sdpa, eager"):
+        TextEncoder(folder, attention="flash")

@@ -8,6 +8,40 @@ from pathlib import Path
 import torch
 
 SHOWN = 5  # names listed per kind of mismatch
+LOAD_LAST = ("best", "last")  # which checkpoint of a run folder: best validation, or after the last epoch
+
+
+def resolve_checkpoint(value: str, load_last: str, runs_folder: Path, key: str = "load_parameters") -> Path:
+    """A checkpoint path as given, or the `load_last` checkpoint of a run (its folder, or its name below
+    `runs_folder`), as salsa's commands name stage-1 runs."""
+    path = Path(value).expanduser()
+    if path.is_file():
+        return path
+    folder = path if path.is_dir() else runs_folder / value
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{key}={value!r}: not a checkpoint file, a run folder, or the name of a run in "
+                                f"{runs_folder}")
+    checkpoints = folder / "checkpoints"
+    found = sorted(checkpoints.glob("best-*.ckpt")) if load_last == "best" else \
+        [checkpoints / "last.ckpt"] if (checkpoints / "last.ckpt").is_file() else []
+    if len(found) != 1:
+        raise FileNotFoundError(f"{key}={value!r}: run folder {folder} holds {len(found) or 'no'} "
+                                f"{'best-*.ckpt' if load_last == 'best' else 'last.ckpt'} checkpoint(s) in "
+                                f"checkpoints/ (load_last={load_last!r}: {' or '.join(LOAD_LAST)})")
+    return found[0]
+
+
+def checkpoint_folder(value: str, runs_folder: Path, key: str = "distill_from") -> Path:
+    """The folder of a run's checkpoints (where its stage-1 embeddings are stored), from a checkpoint path, a run
+    folder or a run name below `runs_folder`."""
+    path = Path(value).expanduser()
+    if path.is_file():
+        return path.parent
+    folder = path if path.is_dir() else runs_folder / value
+    if not (folder / "checkpoints").is_dir():
+        raise FileNotFoundError(f"{key}={value!r}: not a checkpoint file, or a run folder (with checkpoints/) given "
+                                f"by its path or its name in {runs_folder}")
+    return folder / "checkpoints"
 
 
 def read_checkpoint(path: str | Path, key: str, needs: tuple[str, ...] = ("state_dict",)) -> dict:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from hear21passt.models import passt as hear21passt_models
 from hear21passt.models.preprocess import AugmentMelSTFT
 from torch import nn
@@ -23,6 +24,7 @@ for _message in ("stft with return_complex=False", r"`torch.cuda.amp.autocast\(a
 SAMPLE_RATE = 32000
 MEL_HOP_SAMPLES = 320
 MEL_BINS = 128
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "explicit")
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,37 @@ def mel_frames(window_samples: int) -> int:
     return (window_samples - 1) // MEL_HOP_SAMPLES + 1
 
 
+class ScaledDotProductAttention(nn.Module):
+    """hear21passt's self-attention computed by `F.scaled_dot_product_attention`: the same function of the same
+    weights (the state-dict keys do not change), but GPUs run it with flash or memory-efficient kernels instead of
+    materialising the (tokens x tokens) score matrix of every head."""
+
+    def __init__(self, explicit: nn.Module):
+        super().__init__()
+        self.num_heads = explicit.num_heads
+        self.qkv, self.attn_drop, self.proj, self.proj_drop = explicit.qkv, explicit.attn_drop, explicit.proj, \
+            explicit.proj_drop
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        batch, length, channels = tokens.shape
+        heads = self.qkv(tokens).reshape(batch, length, 3, self.num_heads, channels // self.num_heads)
+        query, key, value = heads.permute(2, 0, 3, 1, 4).unbind(0)  # each (batch, heads, tokens, head_dim)
+        attended = F.scaled_dot_product_attention(query, key, value,
+                                                  dropout_p=self.attn_drop.p if self.training else 0.0)
+        return self.proj_drop(self.proj(attended.transpose(1, 2).reshape(batch, length, channels)))
+
+
+def use_attention(network: nn.Module, attention: str) -> nn.Module:
+    """Puts `attention` (sdpa | explicit, hear21passt's own) into every transformer block of a PaSST."""
+    if attention not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"audio_features.attention={attention!r} is not one of {', '.join(ATTENTION_IMPLEMENTATIONS)}")
+    if attention == "sdpa":
+        for block in network.blocks:
+            if not isinstance(block.attn, ScaledDotProductAttention):
+                block.attn = ScaledDotProductAttention(block.attn)
+    return network
+
+
 def _build_passt(variant_name: str, variant: PasstVariant, window_samples: int, pretrained: bool,
                  s_patchout_t: int, s_patchout_f: int) -> nn.Module:
     if variant.arch is None:
@@ -111,11 +144,13 @@ class PasstEncoder(nn.Module):
 
     Windows that hold only padding never reach the transformer (their rows are zero and masked), unless
     `embed_padding_windows`: the published own-caption TAP attends over every window, silence included.
+    `attention="explicit"` keeps hear21passt's softmax(QK^T)V; the default computes the same with SDPA kernels.
     """
 
     def __init__(self, model: str = "passt", window_seconds: float = 10.0, hop_seconds: float = 10.0,
                  pretrained: bool = True, s_patchout_t: int = 0, s_patchout_f: int = 0,
-                 freqm: int = 0, timem: int = 0, frozen: bool = False, embed_padding_windows: bool = False):
+                 freqm: int = 0, timem: int = 0, frozen: bool = False, embed_padding_windows: bool = False,
+                 attention: str = "sdpa"):
         super().__init__()
         variant = check_model_name(model)
         if not 0 < window_seconds <= variant.max_window_seconds:
@@ -131,10 +166,16 @@ class PasstEncoder(nn.Module):
         self.mel = AugmentMelSTFT(n_mels=MEL_BINS, sr=SAMPLE_RATE, win_length=800, hopsize=MEL_HOP_SAMPLES,
                                   n_fft=1024, freqm=freqm, timem=timem, htk=False, fmin=0.0, fmax=None,
                                   norm=1, fmin_aug_range=10, fmax_aug_range=2000)
-        self.network = _build_passt(model, variant, self.window_samples, pretrained, s_patchout_t, s_patchout_f)
+        self.network = use_attention(
+            _build_passt(model, variant, self.window_samples, pretrained, s_patchout_t, s_patchout_f), attention)
+        self._token_features = self.network.forward_features
         if frozen:
             self.requires_grad_(False)
         self.train()  # Lightning keeps each module's mode, so a frozen encoder must start in eval mode
+
+    def compile_transformer(self, backend: str = "inductor") -> None:
+        """torch.compile the transformer (called through forward_features, which Module.compile would miss)."""
+        self._token_features = torch.compile(self.network.forward_features, backend=backend)
 
     def train(self, mode: bool = True) -> "PasstEncoder":
         # A frozen encoder stays deterministic: no patchout, no spectrogram masking.
@@ -143,14 +184,15 @@ class PasstEncoder(nn.Module):
     def embed_windows(self, windows: torch.Tensor) -> torch.Tensor:
         """(n, window_samples) audio -> (n, embed_dim): mean of PaSST's class and distillation tokens."""
         spectrogram = self.mel(windows.float()).unsqueeze(1)
-        class_token, distillation_token = self.network.forward_features(spectrogram)
+        class_token, distillation_token = self._token_features(spectrogram)
         return 0.5 * (class_token + distillation_token)
 
     def forward(self, audio: torch.Tensor, audio_length: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         windows, mask = split_into_windows(audio, audio_length, self.window_samples, self.hop_samples)
-        embedded_windows = torch.ones_like(mask) if self.embed_padding_windows else mask
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
-            embedded = self.embed_windows(windows[embedded_windows])
+            if self.embed_padding_windows:  # fixed shapes: no host synchronisation
+                return self.embed_windows(windows.flatten(0, 1)).unflatten(0, mask.shape), mask
+            embedded = self.embed_windows(windows[mask])  # selecting the real windows waits for the mask
         sequence = embedded.new_zeros(*mask.shape, embedded.shape[-1])
-        sequence[embedded_windows] = embedded
+        sequence[mask] = embedded
         return sequence, mask

@@ -12,6 +12,7 @@ from transformers import AutoModel, AutoTokenizer
 
 KNOWN_TEXT_MODELS = ("roberta-base", "roberta-large", "bert-base-uncased", "bert-large-uncased")
 PUNCTUATION_MODES = ("delete", "space")
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")  # transformers' names: fused SDPA kernels | explicit softmax
 PUBLISHED_DROPOUT = 0.2  # hidden and attention dropout the published code sets in from_pretrained
 _PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
 _DELETE_PUNCTUATION = str.maketrans("", "", string.punctuation)
@@ -74,23 +75,27 @@ class TextEncoder(nn.Module):
     Dropout: the published code loads the model with hidden and attention dropout 0.2, but
     `from_pretrained` returns it in eval mode and Lightning (2.2 there, 2.6 here) keeps each module's mode,
     so the published runs trained the text encoder with its dropout off. `train_dropout=False` keeps that;
-    True switches the 0.2 dropout on in training.
+    True switches the 0.2 dropout on in training. `attention` picks transformers' implementation: sdpa (fused
+    kernels) or eager (explicit softmax); both compute the same function.
     """
 
     def __init__(self, model_path: str, max_sentence_tokens: int = 32, lowercase: bool = True,
                  remove_punctuation: bool = True, punctuation: str = "delete", frozen: bool = False,
-                 train_dropout: bool = False):
+                 train_dropout: bool = False, attention: str = "sdpa"):
         super().__init__()
         if max_sentence_tokens < 2:
             raise ValueError(f"sentence_features.max_sentence_tokens={max_sentence_tokens} must be >= 2")
         if punctuation not in PUNCTUATION_MODES:
             raise ValueError(f"sentence_features.punctuation={punctuation!r} is not one of "
                              f"{', '.join(PUNCTUATION_MODES)}")
+        if attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"sentence_features.attention={attention!r} is not one of "
+                             f"{', '.join(ATTENTION_IMPLEMENTATIONS)}")
         self.tokenizer = _load_pretrained(AutoTokenizer, model_path)
         # Only the first token's hidden state is used: no pooler (as published; saves its unused weights).
         self.model = _load_pretrained(AutoModel, model_path, add_pooling_layer=False,
                                       hidden_dropout_prob=PUBLISHED_DROPOUT,
-                                      attention_probs_dropout_prob=PUBLISHED_DROPOUT)
+                                      attention_probs_dropout_prob=PUBLISHED_DROPOUT, attn_implementation=attention)
         self.output_size = self.model.config.hidden_size
         self.max_sentence_tokens = max_sentence_tokens
         self.lowercase = lowercase
@@ -101,6 +106,9 @@ class TextEncoder(nn.Module):
         if frozen:
             self.requires_grad_(False)
         self.train()  # Lightning keeps each module's mode: set the one training needs now
+
+    def compile_transformer(self, backend: str = "inductor") -> None:
+        self.model.compile(backend=backend)
 
     def train(self, mode: bool = True) -> "TextEncoder":
         return super().train(mode and self.train_dropout and not self.frozen)
@@ -114,7 +122,10 @@ class TextEncoder(nn.Module):
     def forward(self, captions: list[str]) -> torch.Tensor:
         """captions: list of length batch -> (batch, hidden_size)."""
         device = next(self.model.parameters()).device
-        tokens = {key: value.to(device) for key, value in self.tokenize(captions).items()}
+        tokens = self.tokenize(captions)
+        if device.type == "cuda":  # a copy from pinned memory does not wait for the work queued before it
+            tokens = {key: value.pin_memory() for key, value in tokens.items()}
+        tokens = {key: value.to(device, non_blocking=True) for key, value in tokens.items()}
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
             hidden = self.model(**tokens).last_hidden_state
         return hidden[:, 0]
