@@ -4,15 +4,18 @@ The `clotho_v2` ingredient names the dataset folder and what to read from it.
 """
 from __future__ import annotations
 
+import ast
 import codecs
 import csv
 import io
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from sacred import Ingredient
 
 from utils.directories import directories, get_data_dir
+from utils.metrics import MultiMatch
 
 clotho_v2 = Ingredient("clotho_v2", ingredients=[directories])
 
@@ -31,6 +34,7 @@ def clotho_v2_config():
     phi4_captions_file = PHI4_CAPTIONS_FILE  # relative to the dataset folder, or absolute
     clip_seconds = 30  # clips are cropped or zero-padded to this length
     sample_rate = 32000  # PaSST's rate; the HDF5 cache stores audio at this rate
+    multi_match_file = None  # DCASE 2025 multi-match annotations of the test split (absolute, or below the dataset)
 
 
 @dataclass(frozen=True)
@@ -158,3 +162,51 @@ def load_split(split: str, add_phi4_captions: bool, phi4_captions_file: str) -> 
     audio_folder = folder / clotho_split
     check_audio_files(clips, audio_folder, captions_path)
     return clips, audio_folder
+
+
+def read_multi_match(path: Path) -> list[tuple[str, tuple[str, ...]]]:
+    """DCASE 2025's `query, audio_filenames` CSV (the file names a Python list literal), in file order."""
+    if not path.is_file():
+        raise FileNotFoundError(f"multi-match CSV not found: {path} (clotho_v2.multi_match_file)")
+    reader = csv_rows(path, "utf-8")
+    missing = [column for column in ("query", "audio_filenames") if column not in (reader.fieldnames or [])]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {', '.join(missing)}; expected query, audio_filenames")
+    rows = []
+    for row_number, row in enumerate(reader, start=2):
+        query = (row["query"] or "").strip()
+        try:
+            files = ast.literal_eval(row["audio_filenames"] or "")
+        except (ValueError, SyntaxError):
+            files = None
+        if not query or not isinstance(files, list) or not files or not all(isinstance(f, str) for f in files):
+            raise ValueError(f"{path}, row {row_number}: expected a query and a non-empty list of file names, got "
+                             f"{row['query']!r}, {row['audio_filenames']!r}")
+        rows.append((query, tuple(files)))
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    return rows
+
+
+@clotho_v2.capture
+def load_multi_match(clips: list[ClipCaptions], multi_match_file: str | None) -> MultiMatch | None:
+    """The multi-match annotations for the test split's `clips`, or None if none are configured; every query must
+    be a caption of the split and every file one of its clips (the first that is not is named)."""
+    if multi_match_file is None:
+        return None
+    path = Path(multi_match_file).expanduser()
+    path = path if path.is_absolute() else dataset_folder() / path
+    caption_rows: dict[str, int] = {}
+    for row, caption in enumerate(caption for clip in clips for caption in clip.captions):
+        caption_rows.setdefault(caption.strip(), row)
+    clip_rows = {clip.file_name: row for row, clip in enumerate(clips)}
+    query_rows, relevant = [], []
+    for row_number, (query, files) in enumerate(read_multi_match(path), start=2):
+        if query not in caption_rows:
+            raise ValueError(f"{path}, row {row_number}: query {query!r} is not a caption of the test split")
+        absent = [name for name in files if name not in clip_rows]
+        if absent:
+            raise ValueError(f"{path}, row {row_number}: file {absent[0]!r} is not a clip of the test split")
+        query_rows.append(caption_rows[query])
+        relevant.append(torch.tensor([clip_rows[name] for name in files]))
+    return MultiMatch(torch.tensor(query_rows), tuple(relevant))

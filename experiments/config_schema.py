@@ -93,6 +93,7 @@ class ClothoV2(Section):
     phi4_captions_file: str
     clip_seconds: Seconds
     sample_rate: Count
+    multi_match_file: Optional[str]
 
 
 class DataLoaderConfig(Section):

@@ -20,7 +20,7 @@ from sacred import Experiment
 from tqdm import tqdm
 
 from data_loaders.audio_cache import stale_clips
-from data_loaders.clotho_v2 import SPLITS, captions_csv, clotho_v2, load_split, read_captions
+from data_loaders.clotho_v2 import SPLITS, captions_csv, clotho_v2, load_multi_match, load_split, read_captions
 from data_loaders.data_loader import data_loader, get_data_loader, get_dataset
 from data_loaders.stored_embeddings import EmbeddingSource, load_stored_embeddings, write_embeddings
 from experiments.config_schema import LEARNING_RATE_KEYS, TEST_WEIGHTS, validate_config
@@ -402,19 +402,24 @@ def cmd_test_on_clothov2(load_model: str, positive_weighting: str, max_audio_sec
     number of devices (data_loader.batch_size_eval clips per step and device)."""
     check_config()
     check_hardware()
-    load_split("test")
+    multi_match = load_multi_match(load_split("test")[0])
     read_checkpoint(load_model, "load_model")
     check_weights()
     model = build_model()
     load_model_weights(model, load_model, key="load_model")
     loader = get_data_loader(get_dataset("test", decode_workers=data_loader["n_workers"]), train=False)
-    module = RetrievalModule(model, build_optimisation(), positive_weighting)
+    module = RetrievalModule(model, build_optimisation(), positive_weighting, multi_match=multi_match)
     (tested,) = build_test_trainer().test(module, loader)
     metrics = {key.removeprefix("test/"): value for key, value in tested.items()}
     chance = chance_metrics(len(loader.dataset))
-    print(f"test split, {load_model}: "
-          + ", ".join(f"{metric} {metrics[metric]:.4f} (chance {chance[metric]:.4f})" for metric in chance))
+    print(f"test split, {load_model}: {metrics_line(metrics, chance)}")
     return metrics
+
+
+def metrics_line(metrics: dict[str, float], chance: dict[str, float]) -> str:
+    """The test metrics against chance, then any multi-match metrics (DCASE 2025)."""
+    multi = [f"{name} {value:.4f}" for name, value in metrics.items() if "_multi/" in name]
+    return ", ".join([f"{metric} {metrics[metric]:.4f} (chance {chance[metric]:.4f})" for metric in chance] + multi)
 
 
 @ex.command
@@ -517,6 +522,7 @@ def train_and_evaluate(resume_training: str | None, seed: int, test_weights: str
     check_hardware()
     for split in SPLITS:
         load_split(split)
+    multi_match = load_multi_match(load_split("test")[0])
     checkpoint = initial_weights()
     if resume_training:
         read_checkpoint(resume_training, "resume_training", needs=("state_dict", "optimizer_states", "loops"))
@@ -527,7 +533,8 @@ def train_and_evaluate(resume_training: str | None, seed: int, test_weights: str
     if checkpoint:
         load_model_weights(model, checkpoint)
     loaders = build_data_loaders()
-    module = RetrievalModule(model, build_optimisation(), positive_weighting, teachers, loss_weight, distill_weight)
+    module = RetrievalModule(model, build_optimisation(), positive_weighting, teachers, loss_weight, distill_weight,
+                             multi_match)
     folder = run_folder()
     route_mongo_failures(_run, folder)
     _run.info["run_folder"] = str(folder)
@@ -544,8 +551,7 @@ def train_and_evaluate(resume_training: str | None, seed: int, test_weights: str
     results = {}
     for name, prefix in ((test_weights, "test"), (other, f"test_{other}")):
         results[name] = evaluate_checkpoint(trainer, module, loaders["test"], checkpoints[name], prefix)
-        print(f"test split, {name} weights ({prefix}/*): "
-              + ", ".join(f"{metric} {results[name][metric]:.4f} (chance {chance[metric]:.4f})" for metric in chance))
+        print(f"test split, {name} weights ({prefix}/*): {metrics_line(results[name], chance)}")
     _run.info[f"test_{other}"] = results[other]
     return results[test_weights]
 

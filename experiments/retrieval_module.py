@@ -13,7 +13,7 @@ from models.losses import distillation_loss, multi_positive_contrastive_loss
 from models.retrieval_model import RetrievalModel
 from models.teacher import Teacher
 from utils.distributed import gather_evaluation
-from utils.metrics import retrieval_metrics
+from utils.metrics import MultiMatch, retrieval_metrics
 from utils.schedule import learning_rate_factor
 
 
@@ -35,15 +35,18 @@ class OptimisationSettings:
 
 class RetrievalModule(L.LightningModule):
     """`teachers` (stage 2): stage-1 models whose estimated correspondences the training loss also fits, weighted
-    `distill_weight` against `loss_weight` for the contrastive loss (salsa's keys)."""
+    `distill_weight` against `loss_weight` for the contrastive loss (salsa's keys). `multi_match`: additional
+    correspondences of the test split, scored as mAP@16 and mAP@10 next to the usual metrics."""
 
     def __init__(self, model: RetrievalModel, optimisation: OptimisationSettings, positive_weighting: str = "pair",
-                 teachers: Sequence[Teacher] = (), loss_weight: float = 1.0, distill_weight: float = 0.0):
+                 teachers: Sequence[Teacher] = (), loss_weight: float = 1.0, distill_weight: float = 0.0,
+                 multi_match: MultiMatch | None = None):
         super().__init__()
         self.model = model
         self.optimisation = optimisation
         self.positive_weighting = positive_weighting
         self.teachers, self.loss_weight, self.distill_weight = list(teachers), loss_weight, distill_weight
+        self.multi_match = multi_match  # the test split's DCASE 2025 annotations: test also logs <prefix>_multi/*
         self.test_prefix = "test"  # the metrics' prefix of the next test run (e.g. test_best for a second one)
         self._evaluation: list[dict[str, torch.Tensor]] = []
 
@@ -124,6 +127,9 @@ class RetrievalModule(L.LightningModule):
         metrics = retrieval_metrics(scores, collected["caption_row"])
         for name, value in metrics.items():  # every rank holds the same value; syncing keeps Lightning's books
             self.log(f"{prefix}/{name}", value, prog_bar=name == "mAP@10", sync_dist=distributed)
+        if self.multi_match is not None and prefix.startswith("test"):
+            for name, value in self.multi_match.metrics(scores).items():
+                self.log(f"{prefix}_multi/{name}", value, sync_dist=distributed)
         return metrics
 
     def validation_step(self, batch: dict, batch_index: int) -> None:

@@ -1,6 +1,8 @@
 """Retrieval metrics for text-to-audio ranking (DCASE task 6b conventions)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 RECALL_CUTOFFS = (1, 5, 10)
@@ -44,3 +46,32 @@ def chance_metrics(clips: int) -> dict[str, float]:
     metrics = {f"R@{k}": min(k, clips) / clips for k in RECALL_CUTOFFS}
     metrics[f"mAP@{MAP_CUTOFF}"] = sum(1.0 / rank for rank in range(1, min(MAP_CUTOFF, clips) + 1)) / clips
     return metrics
+
+
+MULTI_MATCH_CUTOFFS = (16, 10)  # DCASE 2025 task 6 ranks by mAP@16
+
+
+def multi_match_average_precision(scores: torch.Tensor, relevant: torch.Tensor, cutoff: int) -> torch.Tensor:
+    """AP@k of one query with several relevant clips: (1/n) * sum over relevant ranks r_i <= k of i / r_i, where
+    r_1 <= r_2 <= ... are their 1-based ranks (ties against the query, as in `target_ranks`).
+
+    scores: (clips,) of one query; relevant: (n,) clip indices.
+    """
+    ranks = (scores.unsqueeze(0) >= scores[relevant].unsqueeze(1)).sum(dim=1).sort().values.float()
+    order = torch.arange(1, len(ranks) + 1, dtype=torch.float32, device=ranks.device)
+    return torch.where(ranks <= cutoff, order / ranks, torch.zeros_like(ranks)).sum() / len(ranks)
+
+
+@dataclass(frozen=True)
+class MultiMatch:
+    """Additional correspondence annotations of a split (DCASE 2025): queries, as rows of the split's caption
+    order, each with every clip that matches it."""
+    query_rows: torch.Tensor  # (queries,)
+    relevant: tuple[torch.Tensor, ...]  # per query: (n,) clip indices
+
+    def metrics(self, scores: torch.Tensor) -> dict[str, float]:
+        """mAP@16 and mAP@10 over the queries; scores: (captions, clips) of the whole split."""
+        rows = scores[self.query_rows.to(scores.device)].float()
+        return {f"mAP@{cutoff}": torch.stack([multi_match_average_precision(row, clips.to(scores.device), cutoff)
+                                              for row, clips in zip(rows, self.relevant)]).mean().item()
+                for cutoff in MULTI_MATCH_CUTOFFS}
