@@ -32,6 +32,8 @@ from models.pooling import POOLINGS, Pooling, make_pooling
 from models.retrieval_model import RetrievalModel
 from models.teacher import Teacher
 from models.text.transformer import TextEncoder, resolve_text_model, text_model_available
+from search.index import file_scores, model_fingerprint, read_index, top_files, update_index
+from search.page import render_page, write_atomically, write_ranked_csv, write_similarity_csv
 from utils.checkpoints import checkpoint_folder, load_model_weights, read_checkpoint, resolve_checkpoint
 from utils.directories import directories, get_data_dir
 from utils.distributed import is_rank_zero
@@ -42,7 +44,9 @@ from utils.schedule import save_schedule_plot
 ex = Experiment("dcase24", ingredients=[directories, clotho_v2, data_loader])
 DEMO_AUDIO_MODEL = "passt_small"
 DEMO_TEXT_MODEL = "clotho_demo/roberta-tiny"
-COMMAND_OPTIONS = ("output", "load_model")  # arguments of commands (print_lr, cmd_test_on_clothov2), not settings
+# arguments of commands (print_lr, cmd_test_on_clothov2, cmd_index, cmd_search), not settings
+COMMAND_OPTIONS = ("output", "load_model", "index_audio", "index_file", "query", "queries_file", "top_k", "html_file",
+                   "results_file", "similarity_file")
 PROGRESS_BAR_REFRESH_STEPS = 10
 
 
@@ -414,6 +418,84 @@ def cmd_test_on_clothov2(load_model: str, positive_weighting: str, max_audio_sec
     chance = chance_metrics(len(loader.dataset))
     print(f"test split, {load_model}: {metrics_line(metrics, chance)}")
     return metrics
+
+
+@ex.capture
+def search_settings(audio_features: dict, sentence_features: dict, tap_hyperparams: dict,
+                    shared_representation_size: int, normalize: bool, stand_in_models: bool, clotho_v2: dict) -> dict:
+    """What shapes the embeddings besides the weights: part of an index's model fingerprint."""
+    return {"audio_features": audio_features, "sentence_features": sentence_features,
+            "tap_hyperparams": tap_hyperparams, "shared_representation_size": shared_representation_size,
+            "normalize": normalize,
+            "stand_in_models": stand_in_models, "clip_seconds": clotho_v2["clip_seconds"],
+            "sample_rate": clotho_v2["sample_rate"]}
+
+
+@ex.capture
+def search_model(checkpoint: str, audio_features: dict, accelerator: str) -> tuple[RetrievalModel, str]:
+    """The model of `checkpoint` in eval mode on the run's device, and its fingerprint."""
+    if audio_features["aggregate"] == "TAP_own_caption":
+        raise ValueError("audio_features.aggregate='TAP_own_caption' pools each clip with its own caption, which a "
+                         "search query is not: search with a mean or TAP model")
+    read_checkpoint(checkpoint, "load_model")
+    check_weights()
+    model = build_model()
+    load_model_weights(model, checkpoint, key="load_model")
+    device = torch.device("cuda" if uses_cuda(accelerator) else "cpu")
+    return model.eval().to(device), model_fingerprint(Path(checkpoint), search_settings())
+
+
+@ex.command
+def cmd_index(load_model: str, index_audio: str, index_file: str, clotho_v2: dict, data_loader: dict) -> dict:
+    """Embed every audio file below `index_audio` (wav, flac, ogg, mp3; any rate, channels and length) into
+    `index_file`; a second run embeds only new or changed files and drops deleted ones."""
+    check_config()
+    folder = Path(index_audio).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"index_audio={index_audio!r}: not a folder")
+    model, fingerprint = search_model(load_model)
+    report = update_index(model, folder, Path(index_file).expanduser(), fingerprint, str(Path(load_model).resolve()),
+                          clotho_v2["sample_rate"], round(clotho_v2["clip_seconds"] * clotho_v2["sample_rate"]),
+                          data_loader["batch_size_eval"])
+    print(f"{index_file}: {len(report.embedded)} files embedded, {len(report.reused)} unchanged, "
+          f"{len(report.dropped)} dropped")
+    for name, reason in report.unreadable.items():
+        print(f"not indexed: {name}: {reason}")
+    return {"embedded": len(report.embedded), "unchanged": len(report.reused), "dropped": report.dropped,
+            "unreadable": sorted(report.unreadable)}
+
+
+@ex.command
+def cmd_search(index_file: str, query: str | None = None, queries_file: str | None = None, top_k: int = 10,
+               load_model: str | None = None, html_file: str | None = None, results_file: str | None = None,
+               similarity_file: str | None = None) -> list[list[tuple[str, float]]]:
+    """Rank the indexed files for `query` (or each line of `queries_file`): a table, and on request a ranked CSV,
+    the full query x file similarity CSV (DCASE 2025 format) and a self-contained HTML page."""
+    check_config()
+    if (query is None) == (queries_file is None):
+        raise ValueError("cmd_search needs query='...' or queries_file=PATH (one query per line), not both")
+    if top_k < 1:
+        raise ValueError(f"top_k={top_k}: expected >= 1")
+    queries = [query] if query is not None else [line.strip() for line in
+                                                 Path(queries_file).read_text(encoding="utf-8").splitlines()
+                                                 if line.strip()]
+    index = read_index(Path(index_file).expanduser())
+    model, fingerprint = search_model(load_model or index["model"])
+    index = read_index(Path(index_file).expanduser(), fingerprint)
+    files, scores = file_scores(model, index, queries)
+    ranked = top_files(files, scores, top_k)
+    for text, results in zip(queries, ranked):
+        print(f"\n{text}")
+        for rank, (name, score) in enumerate(results, start=1):
+            print(f"{rank:>4}  {score:7.4f}  {name}")
+    folder = Path(index["folder"])
+    if results_file:
+        write_ranked_csv(Path(results_file), queries, ranked)
+    if similarity_file:
+        write_similarity_csv(Path(similarity_file), queries, files, scores)
+    if html_file:
+        write_atomically(Path(html_file), render_page(folder, queries, ranked))
+    return ranked
 
 
 def metrics_line(metrics: dict[str, float], chance: dict[str, float]) -> str:
