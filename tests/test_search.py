@@ -44,8 +44,11 @@ def index(data_dir, checkpoint, folder, index_file, **updates):
                     index_file=str(index_file), **updates).result
 
 
-@pytest.fixture
-def checkpoint(data_dir):
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, tiny_dataset_template):
+    """A one-epoch demo checkpoint (trained once for the module; tests only read it)."""
+    data_dir = tmp_path_factory.mktemp("trained")
+    shutil.copytree(tiny_dataset_template, data_dir / "clotho_demo")
     return Path(run_demo(data_dir).info["run_folder"]) / "checkpoints" / "last.ckpt"
 
 

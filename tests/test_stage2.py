@@ -69,16 +69,28 @@ def test_a_run_is_found_by_checkpoint_folder_or_name(tmp_path):
         resolve_checkpoint("20261126-run-7", "best", runs)
 
 
-@pytest.fixture
-def stage1_run(data_dir):
-    """A one-epoch stage-1 run of the demo on the tiny data set, with its embeddings generated."""
+@pytest.fixture(scope="module")
+def stage1_template(tmp_path_factory, tiny_dataset_template):
+    """A one-epoch stage-1 run of the demo on the tiny data set, with its embeddings generated (made once)."""
+    data_dir = tmp_path_factory.mktemp("stage1")
+    shutil.copytree(tiny_dataset_template, data_dir / "clotho_demo")
     name = Path(run_demo(data_dir).info["run_folder"]).name
     generated = run_demo(data_dir, "cmd_generate_embeddings", load_parameters=name).result
-    return name, generated
+    return data_dir, name, generated
 
 
-def test_embeddings_are_keyed_by_clip_path_and_caption_and_cover_the_training_set(data_dir, stage1_run):
-    name, generated = stage1_run
+@pytest.fixture
+def stage1_run(stage1_template, tmp_path):
+    """A copy of the template per test (copy2 keeps modification times, so the embeddings stay current)."""
+    template, name, generated = stage1_template
+    data_dir = tmp_path / "data"
+    shutil.copytree(template, data_dir)
+    return data_dir, name, {key: value.replace(str(template), str(data_dir)) if isinstance(value, str) else value
+                            for key, value in generated.items()}
+
+
+def test_embeddings_are_keyed_by_clip_path_and_caption_and_cover_the_training_set(stage1_run):
+    data_dir, name, generated = stage1_run
     checkpoints = data_dir / "runs" / name / "checkpoints"
     audio_file, caption_file = embedding_files(checkpoints, "clothov2")
     assert (generated["audio_file"], generated["caption_file"]) == (str(audio_file), str(caption_file))
@@ -132,8 +144,8 @@ def test_teacher_scores_are_the_stage1_models_own_scores_with_tap(data_dir):
     ("drop caption", "clothov2_sentence_embeddings_train.pt: 1 captions of the current training set missing"),
     ("truncate", "clothov2_sentence_embeddings_train.pt cannot be read"),
 ])
-def test_missing_or_stale_embeddings_stop_stage2_before_training(data_dir, stage1_run, damage, message):
-    name, _ = stage1_run
+def test_missing_or_stale_embeddings_stop_stage2_before_training(stage1_run, damage, message):
+    data_dir, name, _ = stage1_run
     checkpoints = data_dir / "runs" / name / "checkpoints"
     audio_file, caption_file = embedding_files(checkpoints, "clothov2")
     updates = {}
@@ -158,8 +170,8 @@ def test_missing_or_stale_embeddings_stop_stage2_before_training(data_dir, stage
     assert sorted((data_dir / "runs").iterdir()) == runs_before  # stopped before any run folder
 
 
-def test_stage1_embeddings_stage2_through_the_command_line_with_salsas_keys(data_dir, stage1_run):
-    name, _ = stage1_run
+def test_stage1_embeddings_stage2_through_the_command_line_with_salsas_keys(stage1_run):
+    data_dir, name, _ = stage1_run
     completed = subprocess.run(
         [sys.executable, "-m", "experiments.ex_dcase24", "with", "demo", f"directories.data_dir={data_dir}",
          "max_epochs=1", "data_loader.n_workers=0", "log_every_n_steps=1", f"load_parameters={name}", "load_last=best",
