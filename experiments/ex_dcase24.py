@@ -32,7 +32,7 @@ from models.pooling import POOLINGS, Pooling, make_pooling
 from models.retrieval_model import RetrievalModel
 from models.teacher import Teacher
 from models.text.transformer import TextEncoder, resolve_text_model, text_model_available
-from search.index import file_scores, model_fingerprint, read_index, top_files, update_index
+from search.index import check_model, file_scores, model_fingerprint, read_index, top_files, update_index
 from search.page import render_page, write_atomically, write_ranked_csv, write_similarity_csv
 from utils.checkpoints import checkpoint_folder, load_model_weights, read_checkpoint, resolve_checkpoint
 from utils.directories import directories, get_data_dir
@@ -481,7 +481,7 @@ def cmd_search(index_file: str, query: str | None = None, queries_file: str | No
                                                  if line.strip()]
     index = read_index(Path(index_file).expanduser())
     model, fingerprint = search_model(load_model or index["model"])
-    index = read_index(Path(index_file).expanduser(), fingerprint)
+    check_model(index, fingerprint, Path(index_file))
     files, scores = file_scores(model, index, queries)
     ranked = top_files(files, scores, top_k)
     for text, results in zip(queries, ranked):

@@ -58,8 +58,8 @@ class IndexReport:
     unreadable: dict[str, str] = field(default_factory=dict)  # path -> reason
 
 
-def read_index(index_file: Path, fingerprint: str | None = None) -> dict:
-    """The index at `index_file`; with `fingerprint`, refused (ValueError) if another model made it."""
+def read_index(index_file: Path) -> dict:
+    """The index at `index_file`, or an error naming it."""
     try:
         index = torch.load(index_file, map_location="cpu", weights_only=False)
     except FileNotFoundError:
@@ -69,17 +69,25 @@ def read_index(index_file: Path, fingerprint: str | None = None) -> dict:
     if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT:
         raise ValueError(f"index_file={str(index_file)!r} is not an index of this version: make it again with "
                          f"cmd_index")
-    if fingerprint is not None and index["fingerprint"] != fingerprint:
+    return index
+
+
+def check_model(index: dict, fingerprint: str, index_file: Path) -> None:
+    """Refuse an index that another model, or the same weights with other settings, made."""
+    if index["fingerprint"] != fingerprint:
         raise ValueError(f"index_file={str(index_file)!r} was made by another model or other settings "
                          f"({index['model']}); index the folder again with this model, into another index_file")
-    return index
 
 
 @torch.no_grad()
 def update_index(model: RetrievalModel, folder: Path, index_file: Path, fingerprint: str, description: str,
                  sample_rate: int, clip_samples: int, batch_size: int = 8) -> IndexReport:
     """Bring `index_file` up to date with `folder`: embed new and changed files, keep the rest, drop deleted ones."""
-    previous = read_index(index_file, fingerprint)["files"] if index_file.is_file() else {}
+    previous = {}
+    if index_file.is_file():
+        index = read_index(index_file)
+        check_model(index, fingerprint, index_file)
+        previous = index["files"]
     device = next(model.parameters()).device
     report, entries = IndexReport(), {}
     for relative in tqdm(audio_files(folder), desc=f"indexing {folder}", unit="file"):
