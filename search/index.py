@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 from data_loaders.audio_cache import decode_audio
+from data_loaders.stored_embeddings import save_atomically
 from models.retrieval_model import RetrievalModel
 
 INDEX_FORMAT = 1
@@ -115,10 +115,8 @@ def update_index(model: RetrievalModel, folder: Path, index_file: Path, fingerpr
         report.embedded.append(relative)
     report.dropped = sorted(set(previous) - set(entries))
     index_file.parent.mkdir(parents=True, exist_ok=True)
-    partial = index_file.with_name(index_file.name + ".partial")
-    torch.save({"format": INDEX_FORMAT, "fingerprint": fingerprint, "model": description, "folder": str(folder),
-                "files": entries}, partial)
-    os.replace(partial, index_file)
+    save_atomically({"format": INDEX_FORMAT, "fingerprint": fingerprint, "model": description, "folder": str(folder),
+                     "files": entries}, index_file)
     return report
 
 
