@@ -4,9 +4,11 @@
     python -m benchmarks.bench_stage1 step --config demo          # CPU-sized models
     python -m benchmarks.bench_stage1 fit --data-dir /tmp/bench   # real DataLoader, HDF5 cache, Lightning, Sacred
 
-`step` builds the model once with the published code's choices (fp16 AMP with a gradient scaler, explicit
-attention, per-tensor AdamW) and adds one lever at a time, so each row shows what that lever buys: SDPA attention
-in both encoders, bf16 autocast, fused AdamW, torch.compile. Batches are random (audio with Clotho's 15-30 s
+`step` builds the model with the published code's choices (fp16 AMP with a gradient scaler, explicit attention,
+per-tensor AdamW, hear21passt's host-side augmentation, transformers' own mask) and adds one lever at a time, each
+lever's model built with its settings and the same weights, so each row shows what that lever buys: SDPA
+attention in both encoders, bf16 autocast, fused AdamW, every window embedded, augmentation and masks made on the
+device, torch.compile with fixed caption shapes, CUDA graphs. Batches are random (audio with Clotho's 15-30 s
 lengths, generated on the device; captions from the demo vocabulary, tokenised on the host as in training), weights
 random: the architectures, not the weights, set the cost. Model FLOPs are counted with torch's FlopCounterMode on
 the timed batches; MFU divides them by the time and the GPU's dense bf16 peak. A full-split evaluation (1,045 clips,
@@ -28,8 +30,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import soundfile
@@ -37,7 +40,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from data_loaders.demo_data import EVENTS, TEXT_MODEL_FOLDER, caption_for, write_captions_csv, write_text_model
-from models.audio.passt import SAMPLE_RATE, PasstEncoder, use_attention
+from models.audio.passt import SAMPLE_RATE, PasstEncoder
 from models.losses import multi_positive_contrastive_loss
 from models.pooling import MeanPooling
 from models.retrieval_model import RetrievalModel
@@ -54,20 +57,30 @@ CONFIGS = {
     "baseline": dict(audio="passt", window_seconds=10, text=ROBERTA_LARGE, shared=1024, batch_size=16,
                      crop_seconds=None),
 }
+PUBLISHED = dict(precision="fp16", attention=False, fused_adamw=False, all_windows=False, on_device=False,
+                 padding="longest", compile=None)
 # Cumulative: each lever keeps the ones before it.
-LEVERS = {
-    "published": dict(precision="fp16", attention=False, fused_adamw=False, compile=False),
-    "sdpa": dict(precision="fp16", attention=True, fused_adamw=False, compile=False),
-    "bf16": dict(precision="bf16", attention=True, fused_adamw=False, compile=False),
-    "fused_adamw": dict(precision="bf16", attention=True, fused_adamw=True, compile=False),
-    "all_windows": dict(precision="bf16", attention=True, fused_adamw=True, compile=False, all_windows=True),
-    "compile": dict(precision="bf16", attention=True, fused_adamw=True, compile=True, all_windows=True),
+LEVER_CHANGES = {
+    "published": ({}, "fp16 AMP + GradScaler, explicit attention, for-each AdamW"),
+    "sdpa": (dict(attention=True), "+ SDPA attention in PaSST and RoBERTa"),
+    "bf16": (dict(precision="bf16"), "+ bf16 autocast, no GradScaler"),
+    "fused_adamw": (dict(fused_adamw=True), "+ fused AdamW"),
+    "all_windows": (dict(all_windows=True), "+ padding windows embedded too (fixed shapes)"),
+    "on_device": (dict(on_device=True), "+ mel bands, patchout indices and attention masks made on the device"),
+    "compile": (dict(padding="max_length", compile="default"),
+                "+ torch.compile of both encoders, captions padded to max_sentence_tokens (fixed shapes)"),
+    "cuda_graphs": (dict(compile="reduce-overhead"), "+ CUDA graphs (torch.compile mode reduce-overhead)"),
 }
-LEVER_MEANING = {"published": "fp16 AMP + GradScaler, explicit attention, for-each AdamW",
-                 "sdpa": "+ SDPA attention in PaSST and RoBERTa", "bf16": "+ bf16 autocast, no GradScaler",
-                 "fused_adamw": "+ fused AdamW",
-                 "all_windows": "+ padding windows embedded too (fixed shapes, no host synchronisation)",
-                 "compile": "+ torch.compile of both encoders"}
+
+def cumulative(changes: dict[str, tuple[dict, str]]) -> dict[str, dict]:
+    levers, settings = {}, PUBLISHED
+    for name, (change, _) in changes.items():
+        settings = levers[name] = {**settings, **change}
+    return levers
+
+
+LEVERS = cumulative(LEVER_CHANGES)
+LEVER_MEANING = {name: meaning for name, (_, meaning) in LEVER_CHANGES.items()}
 
 
 def caption_vocabulary(count: int, seed: int = 0) -> list[str]:
@@ -90,23 +103,28 @@ def random_batch(batch_size: int, crop_seconds: float | None, vocabulary: list[s
             "clip_index": torch.arange(batch_size, device=device)}
 
 
-def build_model(config: dict, text_folder: Path, device: str) -> RetrievalModel:
-    """The published attention (hear21passt's explicit softmax, transformers' eager) until the `sdpa` lever."""
+def build_model(config: dict, text_folder: Path, device: str, lever: dict) -> RetrievalModel:
     audio = PasstEncoder(config["audio"], window_seconds=config["window_seconds"],
-                         hop_seconds=config["window_seconds"], pretrained=False, attention="explicit")
-    text = TextEncoder(str(text_folder), attention="eager")
-    return RetrievalModel(audio, text, MeanPooling(), config["shared"], text_projection="none").to(device)
-
-
-def apply_lever(model: RetrievalModel, lever: dict) -> None:
-    if lever["attention"]:
-        use_attention(model.audio_encoder.network, "sdpa")
-        model.text_encoder.model.set_attn_implementation("sdpa")
-        if model.text_encoder.model.config._attn_implementation != "sdpa":
-            raise RuntimeError("this transformers version cannot switch RoBERTa to SDPA in place")
-    model.audio_encoder.embed_padding_windows = lever.get("all_windows", False)
+                         hop_seconds=config["window_seconds"], pretrained=False,
+                         attention="sdpa" if lever["attention"] else "explicit",
+                         embed_padding_windows=lever["all_windows"], augment_on_device=lever["on_device"])
+    text = TextEncoder(str(text_folder), attention="sdpa" if lever["attention"] else "eager",
+                       padding=lever["padding"])
+    model = RetrievalModel(audio, text, MeanPooling(), config["shared"], text_projection="none").to(device)
     if lever["compile"]:
-        model.compile_encoders()
+        model.compile_encoders(mode=lever["compile"])
+    return model
+
+
+@contextmanager
+def mask_made_by(lever: dict):
+    """Before the `on_device` lever, as in the published code, transformers makes the 4D attention mask from the 2D
+    one, after reading `mask.all()` back from the device."""
+    if lever["on_device"]:
+        yield
+        return
+    with mock.patch("models.text.transformer.expanded_attention_mask", lambda mask, attention, dtype: mask):
+        yield
 
 
 def autocast(device: str, precision: str):
@@ -239,37 +257,42 @@ def bench_step(args: argparse.Namespace) -> None:
     config = dict(CONFIGS[args.config], **({"batch_size": args.batch_size} if args.batch_size else {}))
     device, started = args.device, time.monotonic()
     vocabulary = caption_vocabulary(2000)
-    with tempfile.TemporaryDirectory() as folder:
-        torch.manual_seed(0)
-        text_folder = write_text_model(Path(folder), vocabulary, **config["text"])
-        model = build_model(config, text_folder, device)
+    folder = tempfile.TemporaryDirectory()
+    torch.manual_seed(0)
+    text_folder = write_text_model(Path(folder.name), vocabulary, **config["text"])
+    weights = build_model(config, text_folder, "cpu", PUBLISHED).state_dict()
     generator = torch.Generator().manual_seed(0)
     batches = [random_batch(config["batch_size"], config["crop_seconds"], vocabulary, generator, device)
                for _ in range(args.warmup + args.steps)]
     warmup, timed = batches[:args.warmup], batches[args.warmup:]
-    flops = count_flops(model, timed, device)
+    flops = count_flops(build_model(config, text_folder, device, PUBLISHED), timed, device)
     common = {"config": args.config, "machine": machine(device), "batch": config["batch_size"],
               "steps": args.steps, "model_tflop_per_sample": flops / (args.steps * config["batch_size"]) / 1e12}
     for name in args.levers:
-        if name == "compile" and args.deadline and time.monotonic() - started > args.deadline:
+        lever = LEVERS[name]
+        if lever["compile"] and args.deadline and time.monotonic() - started > args.deadline:
             report({**common, "lever": name, "skipped": f"past --deadline {args.deadline} s"}, args.json)
             continue
-        lever = LEVERS[name]
-        apply_lever(model, lever)
-        lever_warmup = warmup * 3 if lever["compile"] else warmup  # new shapes compile during warm-up
-        result = time_training(model, lever, lever_warmup, timed, device)
+        model = build_model(config, text_folder, device, lever)
+        model.load_state_dict(weights)
+        lever_warmup = warmup * 3 if lever["compile"] else warmup  # compilation and graph capture in warm-up
+        with mask_made_by(lever):
+            result = time_training(model, lever, lever_warmup, timed, device)
         peak = peak_flops(device)
         result["mfu"] = flops / result["seconds"] / peak if peak else None
         report({**common, "lever": name, "meaning": LEVER_MEANING[name], **result}, args.json)
         if name in args.evaluate_after:
             for eval_batch in args.eval_batches:
-                seconds = time_evaluation(model, args.eval_clips, eval_batch, vocabulary, device, lever["precision"],
-                                          generator)
+                with mask_made_by(lever):
+                    seconds = time_evaluation(model, args.eval_clips, eval_batch, vocabulary, device,
+                                              lever["precision"], generator)
                 report({**common, "lever": name, "evaluation_clips": args.eval_clips, "eval_batch": eval_batch,
                         "evaluation_seconds": seconds,
                         "full_split_seconds": seconds * CLOTHO_EVAL_CLIPS / args.eval_clips}, args.json)
         if name == args.profile_after:
-            profile_training(model, lever, timed[:6], device, args.profile_file)
+            with mask_made_by(lever):
+                profile_training(model, lever, timed[:6], device, args.profile_file)
+    folder.cleanup()
 
 
 def write_noise_dataset(folder: Path, clips: dict[str, int], text: dict | None, seed: int = 0) -> Path:
@@ -341,12 +364,13 @@ def main() -> None:
     step.add_argument("--steps", type=int, default=20, help="timed steps per lever")
     step.add_argument("--warmup", type=int, default=3, help="untimed steps before each lever's timing")
     step.add_argument("--batch-size", type=int, help="override the configuration's training batch")
-    step.add_argument("--levers", nargs="+", choices=LEVERS, default=[name for name in LEVERS if name != "compile"])
+    step.add_argument("--levers", nargs="+", choices=LEVERS,
+                      default=[name for name, lever in LEVERS.items() if not lever["compile"]])
     step.add_argument("--evaluate-after", nargs="*", choices=LEVERS, default=["published", "fused_adamw"],
                       help="levers after which a full-split evaluation is timed")
     step.add_argument("--eval-batches", type=int, nargs="+", default=[16, 64], help="clips per evaluation step")
     step.add_argument("--eval-clips", type=int, default=CLOTHO_EVAL_CLIPS, help="timed, then scaled to 1,045")
-    step.add_argument("--deadline", type=float, help="skip `compile` if this many seconds have passed")
+    step.add_argument("--deadline", type=float, help="skip compiled levers if this many seconds have passed")
     step.add_argument("--profile-after", choices=LEVERS, help="profile five training steps after this lever")
     step.add_argument("--profile-file", default="stage1_profile.txt")
     fit = commands.add_parser("fit", help="one epoch of the real experiment on a generated noise data set")

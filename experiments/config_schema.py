@@ -15,14 +15,17 @@ from models.audio.passt import ATTENTION_IMPLEMENTATIONS as AUDIO_ATTENTION, PAS
 from models.heads import TEXT_PROJECTIONS
 from models.losses import POSITIVE_WEIGHTINGS
 from models.pooling import AGGREGATIONS, TAP_INITS
-from models.text.transformer import ATTENTION_IMPLEMENTATIONS as TEXT_ATTENTION, PUNCTUATION_MODES, resolve_text_model
+from models.retrieval_model import COMPILE_MODES
+from models.text.transformer import (ATTENTION_IMPLEMENTATIONS as TEXT_ATTENTION, PADDINGS, PUNCTUATION_MODES,
+                                     resolve_text_model)
 from utils.checkpoints import LOAD_LAST, checkpoint_folder, resolve_checkpoint
 from utils.metrics import METRIC_NAMES
 from utils.schedule import RAMPDOWN_TYPES, validate_schedule
 
 TRAIN_SETS = ("clothov2",)
 TEST_WEIGHTS = ("last", "best")
-PRECISIONS = ("16-mixed", "bf16-mixed", "32", "32-true", "bf16-true", "16-true", "64", "64-true", 16, 32, 64)
+PRECISIONS = ("16-mixed", "bf16-mixed", "32", "32-true", "64", "64-true", 16, 32, 64)
+HALF_PRECISION_WEIGHTS = ("bf16-true", "16-true")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 STRATEGIES = ("auto", "ddp")  # torch.distributed DDP, where the loss and evaluation gather across ranks
 LEARNING_RATE_KEYS = ("lr_audio_encoder", "lr_audio_project", "lr_sentence_encoder", "lr_sentence_project", "lr_tap")
@@ -64,6 +67,7 @@ class AudioFeatures(Section):
     aggregate: Literal[AGGREGATIONS]
     attention: Literal[AUDIO_ATTENTION]
     embed_all_windows: bool
+    augment_on_device: bool
     passt: PasstConfig = Field(alias="model_config")
 
 
@@ -76,6 +80,7 @@ class SentenceFeatures(Section):
     train_dropout: bool
     projection: Literal[TEXT_PROJECTIONS]
     attention: Literal[TEXT_ATTENTION]
+    padding: Literal[PADDINGS]
     frozen: bool
 
 
@@ -133,6 +138,7 @@ class Stage1Config(Section):
     shared_representation_size: Count
     normalize: bool
     compile: bool
+    compile_mode: Literal[COMPILE_MODES]
     precision: Any
     accumulate_grad_batches: Count
     gradient_clip_val: Optional[NonNegative]
@@ -160,6 +166,11 @@ class Stage1Config(Section):
     @field_validator("precision")
     @classmethod
     def known_precision(cls, value: Any) -> Any:
+        if value in HALF_PRECISION_WEIGHTS:
+            raise ValueError("keeps the weights themselves in half precision, where a fine-tuning step is lost: a "
+                             "step of 2e-5 (the published peak learning rate) cannot change 87% of a pretrained "
+                             "BERT's weights in bf16 (benchmarks/RESULTS.md); use 'bf16-mixed' (bf16 compute, "
+                             "float32 weights)")
         if value not in PRECISIONS or isinstance(value, bool):
             raise ValueError(f"expected one of {', '.join(map(repr, PRECISIONS))}")
         return value

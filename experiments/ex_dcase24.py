@@ -67,6 +67,8 @@ def default_config():
         "attention": "sdpa",  # sdpa: fused attention kernels | explicit: hear21passt's softmax(QK^T)V (same function)
         "embed_all_windows": False,  # True: padding windows go through PaSST too (masked afterwards): fixed shapes,
         # no host synchronisation per step, ~17% more audio FLOPs; faster on GPUs (benchmarks/RESULTS.md)
+        "augment_on_device": False,  # True: mel band edges, filter bank and patchout indices made on the GPU (the
+        # same function; hear21passt makes them on the CPU and its copies wait for the GPU every step)
         "model_config": {
             "s_patchout_t": 15,  # structured patchout: time columns dropped in training
             "s_patchout_f": 2,  # structured patchout: frequency rows dropped in training
@@ -85,6 +87,7 @@ def default_config():
         "train_dropout": False,  # False: dropout off in training, as published | True: 0.2 hidden/attention dropout
         "projection": "none",  # none: unprojected, as at the commits that report 30.16 | linear: salsa's Linear
         "attention": "sdpa",  # sdpa: fused attention kernels | eager: transformers' explicit softmax (same function)
+        "padding": "longest",  # longest: each batch to its longest caption | max_length: to max_sentence_tokens
         "frozen": False,
     }
     stand_in_models = False  # CPU stand-ins: passt -> passt_small, any text model -> the demo's tiny RoBERTa
@@ -114,6 +117,7 @@ def default_config():
     shared_representation_size = 1024
     normalize = True  # L2-normalise embeddings (cosine similarity)
     compile = False  # torch.compile both encoders (the first steps of each new shape pay for the compilation)
+    compile_mode = "default"  # default | reduce-overhead (CUDA graphs: wants fixed shapes) | max-autotune
     precision = "16-mixed"  # Lightning precision: 16-mixed (fp16 AMP, published) | bf16-mixed | 32
     accumulate_grad_batches = 1
     gradient_clip_val = None
@@ -242,7 +246,7 @@ def build_audio_encoder(audio_features: dict, stand_in_models: bool) -> PasstEnc
                         frozen=config["frozen"],
                         embed_padding_windows=(POOLINGS[audio_features["aggregate"]].uses_padding_windows
                                                or audio_features["embed_all_windows"]),
-                        attention=audio_features["attention"])
+                        attention=audio_features["attention"], augment_on_device=audio_features["augment_on_device"])
 
 
 @ex.capture
@@ -253,7 +257,8 @@ def build_text_encoder(sentence_features: dict, stand_in_models: bool) -> TextEn
                        lowercase=sentence_features["lowercase"],
                        remove_punctuation=sentence_features["remove_punctuation"],
                        punctuation=sentence_features["punctuation"], frozen=sentence_features["frozen"],
-                       train_dropout=sentence_features["train_dropout"], attention=sentence_features["attention"])
+                       train_dropout=sentence_features["train_dropout"], attention=sentence_features["attention"],
+                       padding=sentence_features["padding"])
 
 
 @ex.capture
@@ -264,12 +269,12 @@ def build_pooling(audio_features: dict, tap_hyperparams: dict, shared_representa
 
 @ex.capture
 def build_model(shared_representation_size: int, sentence_features: dict, initial_tau: float,
-                freeze_tau: bool, compile: bool) -> RetrievalModel:
+                freeze_tau: bool, compile: bool, compile_mode: str) -> RetrievalModel:
     model = RetrievalModel(build_audio_encoder(), build_text_encoder(), build_pooling(), shared_representation_size,
                            text_projection=sentence_features["projection"], initial_tau=initial_tau,
                            freeze_tau=freeze_tau)
     if compile:
-        model.compile_encoders()
+        model.compile_encoders(mode=compile_mode)
     return model
 
 

@@ -1,6 +1,8 @@
 import pytest
 import torch
+import torchaudio
 
+from models.audio.mel import mel_filter_bank
 from models.audio.passt import PasstEncoder, ScaledDotProductAttention, mel_frames
 from models.audio.windowing import split_into_windows, window_count
 from models.pooling import masked_mean
@@ -142,3 +144,31 @@ def test_embedding_all_windows_changes_nothing_at_the_real_ones(small_encoder):
     assert torch.equal(mask, same_mask) and mask.sum() == 6
     torch.testing.assert_close(everything[mask], selected[mask], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(masked_mean(everything, mask), masked_mean(selected, mask), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("low_hz, high_hz", [(0.0, 15000.0), (9.0, 16000.0), (4.0, 14001.0)])
+def test_mel_filter_bank_is_kaldis_with_hear21passts_nyquist_column(low_hz, high_hz):
+    kaldi, _ = torchaudio.compliance.kaldi.get_mel_banks(128, 1024, 32000, low_hz, high_hz, vtln_low=100.0,
+                                                         vtln_high=-500.0, vtln_warp_factor=1.0)
+    ours = mel_filter_bank(128, 1024, 32000, torch.tensor(low_hz), torch.tensor(high_hz))
+    assert ours.shape == (128, 513) and not ours[:, -1].any()
+    assert (ours[:, :-1] - kaldi).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_augmenting_on_the_device_computes_hear21passts_front_end_and_patchout(training):
+    """Random band edges, SpecAugment masks and structured patchout: on a CPU, the same draws from the same
+    generator, so a seeded forward pass equals hear21passt's own."""
+    settings = dict(window_seconds=10, pretrained=False, s_patchout_t=3, s_patchout_f=1, freqm=8, timem=20)
+    torch.manual_seed(0)
+    published = PasstEncoder("passt_small", **settings).train(training)
+    on_device = PasstEncoder("passt_small", augment_on_device=True, **settings).train(training)
+    on_device.load_state_dict(published.state_dict())  # strict: no new weights
+    audio, lengths = torch.randn(2, 25 * 32000) * 0.1, torch.tensor([25, 12]) * 32000
+    outputs = []
+    for encoder in (published, on_device):
+        torch.manual_seed(1)
+        outputs.append(encoder(audio, lengths)[0])
+    torch.testing.assert_close(outputs[1], outputs[0], atol=1e-5, rtol=1e-5)
+    torch.manual_seed(2)
+    assert training == (on_device(audio, lengths)[0] - outputs[1]).abs().gt(1e-3).any()  # other draws, other result

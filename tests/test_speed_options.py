@@ -5,6 +5,8 @@ import time
 import lightning as L
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from experiments.ex_dcase24 import ex
 from experiments.tracking import Throughput
@@ -34,6 +36,7 @@ def test_compiled_encoders_train_like_eager_ones_under_the_same_weight_names(dat
     torch.manual_seed(0)
     eager = demo_model(data_dir).eval()  # eval: no dropout, so both runs draw nothing at random
     compiled = copy.deepcopy(eager)
+    torch._dynamo.reset()
     compiled.compile_encoders(backend="aot_eager")  # dynamo tracing and AOT autograd, without a C++ toolchain
     assert list(compiled.state_dict()) == list(eager.state_dict())
     audio, lengths = torch.randn(3, 10 * 32000) * 0.1, torch.tensor([10 * 32000, 6 * 32000, 2 * 32000])
@@ -46,13 +49,76 @@ def test_compiled_encoders_train_like_eager_ones_under_the_same_weight_names(dat
         torch.testing.assert_close(compiled_gradients[name], gradient, atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_compile_setting_reaches_the_model(data_dir, monkeypatch):
+def test_compile_settings_reach_the_model(data_dir, monkeypatch):
     from models.retrieval_model import RetrievalModel
-    calls = []
-    monkeypatch.setattr(RetrievalModel, "compile_encoders", lambda self: calls.append(self))
-    assert demo_model(data_dir, compile=True) is calls[0]
+    calls, compile_encoders = [], RetrievalModel.compile_encoders
+    monkeypatch.setattr(RetrievalModel, "compile_encoders", lambda self, mode: calls.append((self, mode)))
+    assert calls == [] and demo_model(data_dir, compile=True, compile_mode="reduce-overhead") is calls[0][0]
     demo_model(data_dir)
-    assert len(calls) == 1
+    assert [mode for _, mode in calls] == ["reduce-overhead"]
+    with pytest.raises(ValueError, match="compile_mode='fast' is not one of default, reduce-overhead, max-autotune"):
+        compile_encoders(calls[0][0], mode="fast")
+
+
+FIXED_SHAPES = {"audio_features": {"augment_on_device": True, "embed_all_windows": True},
+                "sentence_features": {"padding": "max_length"}}
+
+
+def training_step(model, audio, lengths, captions):
+    windows, mask = model.encode_audio(audio, lengths)
+    scores = model.score(model.encode_text(captions), windows, mask)
+    multi_positive_contrastive_loss(scores, torch.arange(len(captions), device=scores.device)).backward()
+
+
+class HostTensors(TorchDispatchMode):
+    """Records every operation that leaves a tensor on the CPU while the model runs on the `meta` device."""
+
+    def __init__(self):
+        super().__init__()
+        self.operations = []
+
+    def __torch_dispatch__(self, function, types, args=(), kwargs=None):
+        result = function(*args, **(kwargs or {}))
+        if any(isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in tree_flatten(result)[0]):
+            self.operations.append(str(function))
+        return result
+
+
+@pytest.mark.parametrize("aggregate", ["mean", "TAP"])
+def test_a_training_step_with_fixed_shapes_does_no_host_work_but_tokenising(data_dir, aggregate):
+    """On the `meta` device tensors have shapes but no values: reading one back (`.item()`, `.all()` in an `if`)
+    raises, and anything made on the host shows up as a CPU tensor. On a GPU both would make the host wait."""
+    fast = demo_model(data_dir, **{**FIXED_SHAPES, "audio_features": {**FIXED_SHAPES["audio_features"],
+                                                                       "aggregate": aggregate}}).train().to("meta")
+    audio, lengths = torch.zeros(3, 30 * 32000, device="meta"), torch.tensor([30, 12, 4], device="meta") * 32000
+    captions = ["a dog barks", "rain falls on a tin roof while thunder rumbles", "a bell"]
+    with HostTensors() as host:
+        training_step(fast, audio, lengths, captions)
+    assert host.operations == ["aten.lift_fresh.default"] * 2  # the tokenizer's ids and mask, copied over once
+    published = demo_model(data_dir, audio_features={"aggregate": aggregate}).train().to("meta")
+    # It reads values back: which windows are real (to select them), transformers' mask check.
+    with pytest.raises(RuntimeError, match=r"item\(\) cannot be called on meta tensors|for torch.nonzero\(\)"):
+        training_step(published, audio, lengths, captions)
+
+
+def test_fixed_shapes_compile_each_encoder_once_while_captions_and_clips_vary(data_dir):
+    def steps(**updates):
+        torch._dynamo.reset()
+        graphs = []
+        model = demo_model(data_dir, **updates).train()
+        model.compile_encoders(backend=lambda graph, example_inputs: graphs.append(graph) or graph.forward)
+        counts = []
+        for captions, seconds in [(["a dog", "rain falls on a roof"], 30), (["a bell rings twice", "wind"], 7),
+                                  (["birds chirp in the trees while a car passes", "water"], 12)]:
+            training_step(model, torch.randn(2, 30 * 32000) * 0.1, torch.tensor([30, seconds]) * 32000, captions)
+            counts.append(len(graphs))
+        return counts
+
+    fixed = steps(**FIXED_SHAPES)
+    assert fixed[0] >= 2 and fixed == [fixed[0]] * 3  # both encoders compiled in the first step, never again
+    varying = steps()
+    assert varying[-1] > varying[0]  # captions of other lengths and other numbers of real windows recompile
+    torch._dynamo.reset()
 
 
 def test_fast_gpu_adds_levers_to_the_published_defaults():

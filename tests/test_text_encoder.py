@@ -72,3 +72,19 @@ def test_sdpa_and_eager_attention_give_the_same_embeddings(data_dir):
         assert (fused(captions) - eager(captions)).abs().max() < 1e-5
     with pytest.raises(ValueError, match="sentence_features.attention='flash' is not one of sdpa, eager"):
         TextEncoder(folder, attention="flash")
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_fixed_padding_and_the_device_side_mask_leave_embeddings_unchanged(data_dir, attention):
+    folder = str(data_dir / "clotho_demo" / "roberta-tiny")
+    longest = TextEncoder(folder, attention=attention).eval()
+    fixed = TextEncoder(folder, attention=attention, padding="max_length", max_sentence_tokens=24).eval()
+    captions = ["a dog barks", "rain falls on a tin roof while thunder rumbles far away"]
+    assert fixed.tokenize(captions)["input_ids"].shape == (2, 24)
+    assert longest.tokenize(captions)["input_ids"].shape[1] < 24
+    with torch.no_grad():
+        transformers_mask = longest.model(**longest.tokenize(captions)).last_hidden_state[:, 0]  # its own 2D path
+        torch.testing.assert_close(longest(captions), transformers_mask, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(fixed(captions), transformers_mask, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="sentence_features.padding='left' is not one of longest, max_length"):
+        TextEncoder(folder, padding="left")

@@ -1,11 +1,14 @@
 """PaSST (hear21passt) applied window by window to 32 kHz clips."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import contextlib
 import io
 import urllib.error
 import warnings
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -14,6 +17,7 @@ from hear21passt.models import passt as hear21passt_models
 from hear21passt.models.preprocess import AugmentMelSTFT
 from torch import nn
 
+from models.audio.mel import DeviceMelSTFT
 from models.audio.windowing import split_into_windows
 
 # hear21passt's front end uses APIs that torch 2.11 deprecates, and warns when a window is shorter than
@@ -107,6 +111,30 @@ def use_attention(network: nn.Module, attention: str) -> nn.Module:
     return network
 
 
+def _kept_indices(size: int, dropped: int, device: torch.device) -> torch.Tensor:
+    return torch.randperm(size, device=device)[:size - dropped].sort().values
+
+
+def token_features_on_device(network: nn.Module, spectrogram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """hear21passt's `forward_features` (class and distillation tokens) with the structured patchout indices drawn
+    on the spectrogram's device: hear21passt draws them on the CPU, and indexing GPU tensors with them copies
+    them over and waits for the GPU twice per training step. Same generator and order on a CPU, so equal there."""
+    if network.training and network.u_patchout:
+        raise ValueError("unstructured patchout is not used by any configuration here")
+    patches = network.patch_embed(spectrogram)  # (batch, channels, frequency patches, time patches)
+    batch, _, frequency_patches, time_patches = patches.shape
+    patches = patches + network.time_new_pos_embed[..., :time_patches] + network.freq_new_pos_embed
+    if network.training and network.s_patchout_t:
+        patches = patches[..., _kept_indices(time_patches, network.s_patchout_t, patches.device)]
+    if network.training and network.s_patchout_f:
+        patches = patches[:, :, _kept_indices(frequency_patches, network.s_patchout_f, patches.device)]
+    class_token = network.cls_token.expand(batch, -1, -1) + network.new_pos_embed[:, :1]
+    distillation_token = network.dist_token.expand(batch, -1, -1) + network.new_pos_embed[:, 1:]
+    tokens = torch.cat((class_token, distillation_token, patches.flatten(2).transpose(1, 2)), dim=1)
+    tokens = network.norm(network.blocks(network.pos_drop(tokens)))
+    return tokens[:, 0], tokens[:, 1]
+
+
 def _build_passt(variant_name: str, variant: PasstVariant, window_samples: int, pretrained: bool,
                  s_patchout_t: int, s_patchout_f: int) -> nn.Module:
     if variant.arch is None:
@@ -145,12 +173,14 @@ class PasstEncoder(nn.Module):
     Windows that hold only padding never reach the transformer (their rows are zero and masked), unless
     `embed_padding_windows`: the published own-caption TAP attends over every window, silence included.
     `attention="explicit"` keeps hear21passt's softmax(QK^T)V; the default computes the same with SDPA kernels.
+    `augment_on_device`: the mel front end and patchout draw their randomness and build their tensors on the
+    audio's device (`DeviceMelSTFT`, `token_features_on_device`) instead of hear21passt's host-side draws.
     """
 
     def __init__(self, model: str = "passt", window_seconds: float = 10.0, hop_seconds: float = 10.0,
                  pretrained: bool = True, s_patchout_t: int = 0, s_patchout_f: int = 0,
                  freqm: int = 0, timem: int = 0, frozen: bool = False, embed_padding_windows: bool = False,
-                 attention: str = "sdpa"):
+                 attention: str = "sdpa", augment_on_device: bool = False):
         super().__init__()
         variant = check_model_name(model)
         if not 0 < window_seconds <= variant.max_window_seconds:
@@ -163,19 +193,21 @@ class PasstEncoder(nn.Module):
         self.output_size = variant.embed_dim
         self.frozen = frozen
         self.embed_padding_windows = embed_padding_windows
-        self.mel = AugmentMelSTFT(n_mels=MEL_BINS, sr=SAMPLE_RATE, win_length=800, hopsize=MEL_HOP_SAMPLES,
-                                  n_fft=1024, freqm=freqm, timem=timem, htk=False, fmin=0.0, fmax=None,
-                                  norm=1, fmin_aug_range=10, fmax_aug_range=2000)
+        front_end = DeviceMelSTFT if augment_on_device else AugmentMelSTFT
+        self.mel = front_end(n_mels=MEL_BINS, sr=SAMPLE_RATE, win_length=800, hopsize=MEL_HOP_SAMPLES,
+                             n_fft=1024, freqm=freqm, timem=timem, htk=False, fmin=0.0, fmax=None,
+                             norm=1, fmin_aug_range=10, fmax_aug_range=2000)
         self.network = use_attention(
             _build_passt(model, variant, self.window_samples, pretrained, s_patchout_t, s_patchout_f), attention)
-        self._token_features = self.network.forward_features
+        self._token_features = (partial(token_features_on_device, self.network) if augment_on_device
+                                else self.network.forward_features)
         if frozen:
             self.requires_grad_(False)
         self.train()  # Lightning keeps each module's mode, so a frozen encoder must start in eval mode
 
-    def compile_transformer(self, backend: str = "inductor") -> None:
+    def compile_transformer(self, backend: str | Callable = "inductor", mode: str = "default") -> None:
         """torch.compile the transformer (called through forward_features, which Module.compile would miss)."""
-        self._token_features = torch.compile(self.network.forward_features, backend=backend)
+        self._token_features = torch.compile(self._token_features, backend=backend, mode=mode)
 
     def train(self, mode: bool = True) -> "PasstEncoder":
         # A frozen encoder stays deterministic: no patchout, no spectrogram masking.

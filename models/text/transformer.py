@@ -1,6 +1,8 @@
 """Caption encoders from `transformers` (RoBERTa in the published systems)."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import os
 import re
 import string
@@ -13,6 +15,7 @@ from transformers import AutoModel, AutoTokenizer
 KNOWN_TEXT_MODELS = ("roberta-base", "roberta-large", "bert-base-uncased", "bert-large-uncased")
 PUNCTUATION_MODES = ("delete", "space")
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")  # transformers' names: fused SDPA kernels | explicit softmax
+PADDINGS = ("longest", "max_length")  # pad each batch to its longest caption (published) | to max_sentence_tokens
 PUBLISHED_DROPOUT = 0.2  # hidden and attention dropout the published code sets in from_pretrained
 _PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
 _DELETE_PUNCTUATION = str.maketrans("", "", string.punctuation)
@@ -69,6 +72,16 @@ def _load_pretrained(loader, model_path: str, **settings):
             f"pre-fetch it there and set HF_HUB_OFFLINE=1 (README, 'Pretrained weights')") from None
 
 
+def expanded_attention_mask(mask: torch.Tensor, attention: str, dtype: torch.dtype) -> torch.Tensor:
+    """(batch, tokens) 0/1 mask -> the (batch, 1, 1, tokens) mask `attention` takes: True where SDPA attends, or
+    eager's additive bias. transformers builds the same from the 2D mask, but first reads `mask.all()` back from the
+    device (to drop an all-ones mask), which waits for the GPU in every step; a 4D mask is passed through as is."""
+    keep = mask.bool()[:, None, None, :]
+    if attention == "sdpa":
+        return keep
+    return torch.zeros(keep.shape, dtype=dtype, device=mask.device).masked_fill(~keep, torch.finfo(dtype).min)
+
+
 class TextEncoder(nn.Module):
     """Embeds captions with the first token's final hidden state (<s> / [CLS]).
 
@@ -76,12 +89,13 @@ class TextEncoder(nn.Module):
     `from_pretrained` returns it in eval mode and Lightning (2.2 there, 2.6 here) keeps each module's mode,
     so the published runs trained the text encoder with its dropout off. `train_dropout=False` keeps that;
     True switches the 0.2 dropout on in training. `attention` picks transformers' implementation: sdpa (fused
-    kernels) or eager (explicit softmax); both compute the same function.
+    kernels) or eager (explicit softmax); both compute the same function. `padding="max_length"` pads every batch
+    to `max_sentence_tokens` (fixed shapes for compiled graphs); the padding is masked, so embeddings do not change.
     """
 
     def __init__(self, model_path: str, max_sentence_tokens: int = 32, lowercase: bool = True,
                  remove_punctuation: bool = True, punctuation: str = "delete", frozen: bool = False,
-                 train_dropout: bool = False, attention: str = "sdpa"):
+                 train_dropout: bool = False, attention: str = "sdpa", padding: str = "longest"):
         super().__init__()
         if max_sentence_tokens < 2:
             raise ValueError(f"sentence_features.max_sentence_tokens={max_sentence_tokens} must be >= 2")
@@ -91,6 +105,8 @@ class TextEncoder(nn.Module):
         if attention not in ATTENTION_IMPLEMENTATIONS:
             raise ValueError(f"sentence_features.attention={attention!r} is not one of "
                              f"{', '.join(ATTENTION_IMPLEMENTATIONS)}")
+        if padding not in PADDINGS:
+            raise ValueError(f"sentence_features.padding={padding!r} is not one of {', '.join(PADDINGS)}")
         self.tokenizer = _load_pretrained(AutoTokenizer, model_path)
         # Only the first token's hidden state is used: no pooler (as published; saves its unused weights).
         self.model = _load_pretrained(AutoModel, model_path, add_pooling_layer=False,
@@ -98,6 +114,7 @@ class TextEncoder(nn.Module):
                                       attention_probs_dropout_prob=PUBLISHED_DROPOUT, attn_implementation=attention)
         self.output_size = self.model.config.hidden_size
         self.max_sentence_tokens = max_sentence_tokens
+        self.attention, self.padding = attention, padding
         self.lowercase = lowercase
         self.remove_punctuation = remove_punctuation
         self.punctuation = punctuation
@@ -107,8 +124,8 @@ class TextEncoder(nn.Module):
             self.requires_grad_(False)
         self.train()  # Lightning keeps each module's mode: set the one training needs now
 
-    def compile_transformer(self, backend: str = "inductor") -> None:
-        self.model.compile(backend=backend)
+    def compile_transformer(self, backend: str | Callable = "inductor", mode: str = "default") -> None:
+        self.model.compile(backend=backend, mode=mode)
 
     def train(self, mode: bool = True) -> "TextEncoder":
         return super().train(mode and self.train_dropout and not self.frozen)
@@ -116,7 +133,7 @@ class TextEncoder(nn.Module):
     def tokenize(self, captions: list[str]) -> dict[str, torch.Tensor]:
         normalized = [normalize_caption(c, self.lowercase, self.remove_punctuation, self.punctuation)
                       for c in captions]
-        return self.tokenizer(normalized, padding=True, truncation=True, max_length=self.max_sentence_tokens,
+        return self.tokenizer(normalized, padding=self.padding, truncation=True, max_length=self.max_sentence_tokens,
                               return_tensors="pt")
 
     def forward(self, captions: list[str]) -> torch.Tensor:
@@ -126,6 +143,8 @@ class TextEncoder(nn.Module):
         if device.type == "cuda":  # a copy from pinned memory does not wait for the work queued before it
             tokens = {key: value.pin_memory() for key, value in tokens.items()}
         tokens = {key: value.to(device, non_blocking=True) for key, value in tokens.items()}
+        tokens["attention_mask"] = expanded_attention_mask(tokens["attention_mask"], self.attention, self.model.dtype)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
             hidden = self.model(**tokens).last_hidden_state
-        return hidden[:, 0]
+        # A copy, not a view: under CUDA graphs the hidden states live in a buffer the next replay overwrites.
+        return hidden[:, 0].clone()
