@@ -37,6 +37,7 @@ from unittest import mock
 import numpy as np
 import soundfile
 import torch
+from torch._dynamo.utils import counters
 from torch.utils.flop_counter import FlopCounterMode
 
 from data_loaders.demo_data import EVENTS, TEXT_MODEL_FOLDER, caption_for, write_captions_csv, write_text_model
@@ -233,6 +234,14 @@ def profile_training(model: RetrievalModel, lever: dict, batches: list[dict], de
     print(f"profile of {len(batches) - 1} steps written to {path}", flush=True)
 
 
+def compilation_counts() -> dict[str, int]:
+    """What torch.compile did so far: graphs compiled, graph breaks, graphs it could not replay as CUDA graphs
+    (inductor logs the reason of each skip)."""
+    return {"compiled_graphs": counters["stats"]["unique_graphs"],
+            "graph_breaks": sum(counters["graph_break"].values()),
+            "cudagraph_skips": counters["inductor"]["cudagraph_skips"]}
+
+
 def machine(device: str) -> str:
     if device == "cuda":
         return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
@@ -273,6 +282,9 @@ def bench_step(args: argparse.Namespace) -> None:
         if lever["compile"] and args.deadline and time.monotonic() - started > args.deadline:
             report({**common, "lever": name, "skipped": f"past --deadline {args.deadline} s"}, args.json)
             continue
+        if lever["compile"]:  # this lever's compilation counted alone
+            torch._dynamo.reset()
+            counters.clear()
         model = build_model(config, text_folder, device, lever)
         model.load_state_dict(weights)
         lever_warmup = warmup * 3 if lever["compile"] else warmup  # compilation and graph capture in warm-up
@@ -280,6 +292,8 @@ def bench_step(args: argparse.Namespace) -> None:
             result = time_training(model, lever, lever_warmup, timed, device)
         peak = peak_flops(device)
         result["mfu"] = flops / result["seconds"] / peak if peak else None
+        if lever["compile"]:
+            result.update(compilation_counts())
         report({**common, "lever": name, "meaning": LEVER_MEANING[name], **result}, args.json)
         if name in args.evaluate_after:
             for eval_batch in args.eval_batches:

@@ -425,10 +425,18 @@ def cmd_test_on_clothov2(load_model: str, positive_weighting: str, max_audio_sec
     return metrics
 
 
+# Keys that pick how the same function is computed (tested equal): an index made with one value serves the other.
+SAME_FUNCTION_KEYS = {"audio_features": ("attention", "embed_all_windows", "augment_on_device"),
+                      "sentence_features": ("attention", "padding")}
+
+
 @ex.capture
 def search_settings(audio_features: dict, sentence_features: dict, tap_hyperparams: dict,
                     shared_representation_size: int, normalize: bool, stand_in_models: bool, clotho_v2: dict) -> dict:
     """What shapes the embeddings besides the weights: part of an index's model fingerprint."""
+    audio_features, sentence_features = (
+        {key: value for key, value in section.items() if key not in SAME_FUNCTION_KEYS[name]}
+        for name, section in (("audio_features", audio_features), ("sentence_features", sentence_features)))
     return {"audio_features": audio_features, "sentence_features": sentence_features,
             "tap_hyperparams": tap_hyperparams, "shared_representation_size": shared_representation_size,
             "normalize": normalize,

@@ -116,6 +116,13 @@ def test_an_index_of_another_model_or_other_settings_is_refused(data_dir, checkp
         run_demo(data_dir, "cmd_search", index_file=str(index_file), query="a bell", normalize=False)
     with pytest.raises(ValueError, match="was made by another model or other settings"):
         index(data_dir, other, folder, index_file)
+    # Keys that only pick how the same function is computed do not count.
+    (default,) = run_demo(data_dir, "cmd_search", index_file=str(index_file), query="a bell").result
+    (same_function,) = run_demo(data_dir, "cmd_search", index_file=str(index_file), query="a bell",
+                                audio_features__attention="explicit", audio_features__augment_on_device=True,
+                                sentence_features__padding="max_length").result
+    assert [name for name, _ in same_function] == [name for name, _ in default]
+    assert [score for _, score in same_function] == pytest.approx([score for _, score in default], abs=1e-5)
     with pytest.raises(ValueError, match="needs query='...' or queries_file=PATH"):
         run_demo(data_dir, "cmd_search", index_file=str(index_file))
 
