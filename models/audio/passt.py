@@ -1,12 +1,11 @@
 """PaSST (hear21passt) applied window by window to 32 kHz clips."""
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import contextlib
 import io
 import urllib.error
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path

@@ -1,11 +1,10 @@
 """Caption encoders from `transformers` (RoBERTa in the published systems)."""
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import os
 import re
 import string
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
