@@ -1,22 +1,22 @@
 #!/usr/bin/env bash
-# Every GPU figure of benchmarks/RESULTS.md in one go (about 12 minutes on an H100/H200), results as JSON lines in
-# the folder given (default: benchmarks/gpu_results). Each part has its own time limit, so a slow part cannot take
-# the others' figures with it.
+# Every GPU figure of benchmarks/RESULTS.md in one go (about 15 minutes on an H100/H200), results as JSON lines in
+# the folder given (default: benchmarks/gpu_results). The parts run in the order of what is still missing, each
+# with its own time limit, so a short device lease still gets the first ones and a slow part cannot take the
+# others' figures with it. `all_windows` (measured before) is rerun first as the reference on the same machine.
 set -u
 out=${1:-benchmarks/gpu_results}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 python=${PYTHON:-python3}
+step=("$python" -m benchmarks.bench_stage1 --json "$out/step.jsonl" step --config baseline --steps 30 --warmup 8)
+fit=("$python" -m benchmarks.bench_stage1 --json "$out/fit.jsonl" fit --config baseline --data-dir /tmp/bench_fit
+     --clips 600 1045 20 --workers 12)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/machine.txt"
 $python -c "import torch, transformers, lightning; print('torch', torch.__version__, 'transformers', \
 transformers.__version__, 'lightning', lightning.__version__, 'cpus', __import__('os').cpu_count())" | tee -a "$out/machine.txt"
-timeout 150 $python -m benchmarks.bench_stage1 --json "$out/step.jsonl" step --config baseline --steps 30 --warmup 8 \
-    --levers published sdpa bf16 fused_adamw all_windows on_device --evaluate-after published on_device
-timeout 200 $python -m benchmarks.bench_stage1 --json "$out/step.jsonl" step --config baseline --steps 30 --warmup 8 \
-    --levers compile cuda_graphs --evaluate-after cuda_graphs --eval-batches 64
+timeout 240 "${step[@]}" --levers all_windows on_device cuda_graphs --evaluate-after cuda_graphs --eval-batches 64
+timeout 240 "${fit[@]}" fast_gpu audio_features.augment_on_device=True sentence_features.padding=max_length compile=True \
+    compile_mode=reduce-overhead
+timeout 200 "${fit[@]}" fast_gpu
+timeout 200 "${step[@]}" --levers published sdpa bf16 fused_adamw compile --evaluate-after published fused_adamw
 timeout 60 $python -m benchmarks.bench_tap_scoring --device cuda | tee "$out/tap_scoring.txt"
-for graphs in "" "audio_features.augment_on_device=True sentence_features.padding=max_length compile=True \
-compile_mode=reduce-overhead"; do
-    timeout 240 $python -m benchmarks.bench_stage1 --json "$out/fit.jsonl" fit --config baseline --data-dir /tmp/bench_fit \
-        --clips 600 1045 20 --workers 12 fast_gpu $graphs
-done
