@@ -11,7 +11,8 @@ attention in both encoders, bf16 autocast, fused AdamW, every window embedded, a
 device, torch.compile with fixed caption shapes, CUDA graphs. Batches are random (audio with Clotho's 15-30 s
 lengths, generated on the device; captions from the demo vocabulary, tokenised on the host as in training), weights
 random: the architectures, not the weights, set the cost. Model FLOPs are counted with torch's FlopCounterMode on
-the timed batches; MFU divides them by the time and the GPU's dense bf16 peak. A full-split evaluation (1,045 clips,
+the timed batches; MFU divides them by the time and the GPU's dense bf16 peak. One more step per lever runs under
+CUDA's synchronisation debug mode, which counts how often the step makes the host wait for the GPU. A full-split evaluation (1,045 clips,
 5,225 captions: encode each once, score all pairs, compute the metrics) is timed with the published levers and
 with all of them.
 
@@ -30,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from unittest import mock
@@ -181,9 +183,27 @@ def time_training(model: RetrievalModel, lever: dict, warmup: list[dict], timed:
         training_step(model, optimizer, scaler, batch, device, lever["precision"])
     synchronize(device)
     seconds = time.perf_counter() - start
+    waits = host_waits(lambda: training_step(model, optimizer, scaler, timed[0], device, lever["precision"]), device)
     del optimizer
     return {"seconds": seconds, "samples_per_second": sum(len(b["caption"]) for b in timed) / seconds,
-            "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None}
+            "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
+            "host_waits_per_step": waits}
+
+
+def host_waits(step, device: str) -> int | None:
+    """How often one step makes the host wait for the GPU (reads back a value, copies from pageable memory,
+    synchronises), as CUDA's synchronisation debug mode reports them; None off CUDA."""
+    if device != "cuda":
+        return None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    synchronize(device)
+    return sum("called a synchronizing CUDA operation" in str(warning.message) for warning in caught)
 
 
 @torch.inference_mode()
