@@ -12,9 +12,9 @@ device, torch.compile with fixed caption shapes, CUDA graphs. Batches are random
 lengths, generated on the device; captions from the demo vocabulary, tokenised on the host as in training), weights
 random: the architectures, not the weights, set the cost. Model FLOPs are counted with torch's FlopCounterMode on
 the timed batches; MFU divides them by the time and the GPU's dense bf16 peak. One more step per lever runs under
-CUDA's synchronisation debug mode, which counts how often the step makes the host wait for the GPU. A full-split evaluation (1,045 clips,
-5,225 captions: encode each once, score all pairs, compute the metrics) is timed with the published levers and
-with all of them.
+CUDA's synchronisation debug mode, which counts how often the step makes the host wait for the GPU. A full-split
+evaluation (1,045 clips, 5,225 captions: encode each once, score all pairs, compute the metrics) is timed after the
+levers named by --evaluate-after.
 
 `fit` writes a Clotho-format data set of noise clips (32 kHz, 15-30 s; its size set by --clips), a random-init
 model of RoBERTa-large's sizes, and runs `python -m experiments.ex_dcase24` for one epoch, which logs the steady
@@ -74,6 +74,7 @@ LEVER_CHANGES = {
                 "+ torch.compile of both encoders, captions padded to max_sentence_tokens (fixed shapes)"),
     "cuda_graphs": (dict(compile="reduce-overhead"), "+ CUDA graphs (torch.compile mode reduce-overhead)"),
 }
+
 
 def cumulative(changes: dict[str, tuple[dict, str]]) -> dict[str, dict]:
     levers, settings = {}, PUBLISHED
