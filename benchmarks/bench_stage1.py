@@ -3,6 +3,7 @@
     python -m benchmarks.bench_stage1 step --config baseline      # PaSST ap468 (stride 16) + RoBERTa-large
     python -m benchmarks.bench_stage1 step --config demo          # CPU-sized models
     python -m benchmarks.bench_stage1 fit --data-dir /tmp/bench   # real DataLoader, HDF5 cache, Lightning, Sacred
+    python -m benchmarks.bench_stage1 plot --json-in step.jsonl --output levers.png  # samples/s and MFU per lever
 
 `step` builds the model with the published code's choices (fp16 AMP with a gradient scaler, explicit attention,
 per-tensor AdamW, hear21passt's host-side augmentation, transformers' own mask) and adds one lever at a time, each
@@ -48,6 +49,7 @@ from models.losses import multi_positive_contrastive_loss
 from models.pooling import MeanPooling
 from models.retrieval_model import RetrievalModel
 from models.text.transformer import TextEncoder
+from utils.figures import pyplot, save_figure
 from utils.metrics import retrieval_metrics
 
 CLOTHO_EVAL_CLIPS = 1045
@@ -389,6 +391,38 @@ def run_experiment(data_dir: Path, settings: list[str]) -> dict[str, float]:
     return logged
 
 
+def lever_rows(json_path: Path) -> list[dict]:
+    """The timed training rows of a `step --json` file, in the order they were measured."""
+    rows = [json.loads(line) for line in json_path.read_text().splitlines() if line.strip()]
+    timed = [row for row in rows if "samples_per_second" in row and "lever" in row]
+    if not timed:
+        raise SystemExit(f"{json_path}: no timed lever rows (lines with 'lever' and 'samples_per_second')")
+    return timed
+
+
+def plot_levers(rows: list[dict], output: Path, target: float | None) -> None:
+    """One bar per lever: training samples/s, labelled with MFU and peak memory where measured."""
+    plt = pyplot()
+    figure, axis = plt.subplots(figsize=(8, 0.5 * len(rows) + 1.5))
+    names = [row["lever"] for row in rows][::-1]
+    rates = [row["samples_per_second"] for row in rows][::-1]
+    axis.barh(names, rates, color="tab:blue")
+    for position, row in enumerate(rows[::-1]):
+        details = [f"{row['samples_per_second']:.1f}/s"]
+        details += [f"MFU {row['mfu']:.1%}"] if row.get("mfu") else []
+        details += [f"{row['peak_memory_gib']:.1f} GiB"] if row.get("peak_memory_gib") else []
+        axis.text(row["samples_per_second"], position, "  " + ", ".join(details), va="center", fontsize="small")
+    if target:
+        axis.axvline(target, color="tab:red", linestyle="--", label=f"target {target:g}/s")
+        axis.legend(loc="lower right", fontsize="small")
+    axis.set_xlim(0, max(rates + [target or 0]) * 1.35)
+    axis.set(xlabel="training samples (caption-clip pairs) per second",
+             title=f"{rows[0]['machine']}, {rows[0]['config']}, batch {rows[0]['batch']}\n"
+                   f"each lever keeps those above it")
+    figure.tight_layout()
+    save_figure(figure, output)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", help="also append each result as a JSON line to this file")
@@ -415,8 +449,15 @@ def main() -> None:
                      metavar=("DEV", "VAL", "EVAL"))
     fit.add_argument("--workers", type=int, default=8, help="data_loader.n_workers")
     fit.add_argument("settings", nargs="*", help="further key=value settings of the experiment")
+    plot = commands.add_parser("plot", help="a PNG of samples/s and MFU per lever from a `step --json` file")
+    plot.add_argument("--json-in", type=Path, required=True)
+    plot.add_argument("--output", type=Path, required=True)
+    plot.add_argument("--target", type=float, help="a dashed line at this many samples/s")
     args = parser.parse_args()
-    bench_step(args) if args.command == "step" else bench_fit(args)
+    if args.command == "plot":
+        plot_levers(lever_rows(args.json_in), args.output, args.target)
+    else:
+        bench_step(args) if args.command == "step" else bench_fit(args)
 
 
 if __name__ == "__main__":

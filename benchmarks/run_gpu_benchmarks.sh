@@ -20,3 +20,4 @@ timeout 240 "${fit[@]}" fast_gpu audio_features.augment_on_device=True sentence_
 timeout 200 "${fit[@]}" fast_gpu
 timeout 200 "${step[@]}" --levers published sdpa bf16 fused_adamw compile --evaluate-after published fused_adamw
 timeout 60 $python -m benchmarks.bench_tap_scoring --device cuda | tee "$out/tap_scoring.txt"
+$python -m benchmarks.bench_stage1 plot --json-in "$out/step.jsonl" --output "$out/levers.png" --target 400

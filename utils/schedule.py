@@ -57,13 +57,10 @@ def learning_rate_factor(step: int, steps_per_epoch: float, peak_lr: float, min_
 
 def save_schedule_plot(peak_lrs: dict[str, float], min_lr: float, warmup_length: float, rampdown_start: float,
                        rampdown_stop: float, rampdown_type: str, max_epochs: int, path) -> None:
-    """PNG of each parameter group's learning rate over the run (written to a temporary file, then renamed)."""
-    import os
+    """PNG of each parameter group's learning rate over the run."""
+    from utils.figures import pyplot, save_figure
 
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     epochs = [max_epochs * step / 1000 for step in range(1001)]
     figure, axis = plt.subplots(figsize=(7, 3.5))
     for name, peak in peak_lrs.items():
@@ -73,7 +70,4 @@ def save_schedule_plot(peak_lrs: dict[str, float], min_lr: float, warmup_length:
              title=f"warm-up {warmup_length}, {rampdown_type} ramp-down {rampdown_start}-{rampdown_stop}")
     axis.legend(fontsize="small")
     figure.tight_layout()
-    partial = f"{path}.partial.png"
-    figure.savefig(partial, dpi=120)
-    plt.close(figure)
-    os.replace(partial, path)
+    save_figure(figure, path)
