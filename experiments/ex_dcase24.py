@@ -37,6 +37,7 @@ from search.page import render_page, write_atomically, write_ranked_csv, write_s
 from utils.checkpoints import checkpoint_folder, load_model_weights, read_checkpoint, resolve_checkpoint
 from utils.directories import directories, get_data_dir
 from utils.distributed import is_rank_zero
+from utils.figures import save_training_curves
 from utils.metrics import chance_metrics
 from utils.paths import create_unique_folder
 from utils.schedule import save_schedule_plot
@@ -637,6 +638,10 @@ def train_and_evaluate(resume_training: str | None, seed: int, test_weights: str
         ex.add_artifact(str(plot_schedule(folder / "lr_schedule.png")))
     trainer = build_trainer(folder)
     fit_recording_interrupts(trainer, module, loaders["train"], loaders["val"], ckpt_path=resume_training)
+    if is_rank_zero():
+        csv_log = next(logger for logger in trainer.loggers if isinstance(logger, CSVLogger))
+        ex.add_artifact(str(save_training_curves(Path(csv_log.log_dir) / "metrics.csv",
+                                                 folder / "training_curves.png")))
     checkpoints = {"last": trainer.checkpoint_callback.last_model_path,
                    "best": trainer.checkpoint_callback.best_model_path}
     _run.info["best_checkpoint"] = checkpoints["best"]

@@ -55,7 +55,8 @@ def test_demo_runs_end_to_end_through_the_command_line(data_dir):
         assert column in metrics_csv
     assert "lr-AdamW/sentence_project" not in metrics_csv  # published projection "none" has no parameters
     assert (data_dir / "clotho_demo" / "audio_cache" / "evaluation.h5").is_file()
-    assert (run_folder / "lr_schedule.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for picture in ("lr_schedule.png", "training_curves.png"):
+        assert (run_folder / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_print_lr_saves_the_schedule_png(tmp_path):

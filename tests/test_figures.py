@@ -4,7 +4,7 @@ import json
 import pytest
 
 from benchmarks.bench_stage1 import lever_rows, plot_levers
-from utils.figures import pyplot, save_figure
+from utils.figures import logged_curves, pyplot, save_figure, save_training_curves
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -36,3 +36,21 @@ def test_lever_chart_takes_the_timed_rows_of_a_step_json(tmp_path):
     (tmp_path / "empty.jsonl").write_text(json.dumps(rows[1]) + "\n")
     with pytest.raises(SystemExit, match="empty.jsonl: no timed lever rows"):
         lever_rows(tmp_path / "empty.jsonl")
+
+
+def test_training_curves_come_from_lightnings_csv_log(tmp_path):
+    log = tmp_path / "metrics.csv"
+    log.write_text("epoch,lr-AdamW/audio_encoder,step,train/loss,val/R@1,val/mAP@10\n"
+                   ",0.001,9,,,\n"
+                   "0,,9,3.5,,\n"
+                   "0,,11,,0.1,0.2\n"
+                   "1,,19,2.25,,\n"
+                   "1,,23,,0.3,0.4\n")
+    loss, validation = logged_curves(log)
+    assert loss == [(9, 3.5), (19, 2.25)]
+    assert validation == {"val/R@1": [(1, 0.1), (2, 0.3)], "val/mAP@10": [(1, 0.2), (2, 0.4)]}  # epochs from 1
+    assert save_training_curves(log, tmp_path / "curves.png").read_bytes()[:8] == PNG
+    log.write_text("epoch,step,val/mAP@10\n0,11,0.2\n")
+    with pytest.raises(ValueError, match="metrics.csv: no train/loss rows to plot"):
+        save_training_curves(log, tmp_path / "none.png")
+    assert not (tmp_path / "none.png").exists()

@@ -1,8 +1,11 @@
 """PNG figures written whole or not at all."""
 from __future__ import annotations
 
+import csv
 import os
 from pathlib import Path
+
+from utils.metrics import METRIC_NAMES
 
 
 def save_figure(figure, path: str | os.PathLike, dpi: int = 120) -> None:
@@ -24,3 +27,36 @@ def pyplot():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
+
+
+def logged_curves(metrics_csv: Path) -> tuple[list[tuple[int, float]], dict[str, list[tuple[int, float]]]]:
+    """From Lightning's CSV log: (step, training loss) pairs, and per validation metric (epoch, value) pairs."""
+    loss, validation = [], {}
+    with open(metrics_csv, newline="") as handle:
+        for row in csv.DictReader(handle):
+            if row.get("train/loss"):
+                loss.append((int(row["step"]), float(row["train/loss"])))
+            for name, value in row.items():
+                if name.startswith("val/") and value:
+                    validation.setdefault(name, []).append((int(row["epoch"]) + 1, float(value)))
+    if not loss:
+        raise ValueError(f"{metrics_csv}: no train/loss rows to plot")
+    return loss, validation
+
+
+def save_training_curves(metrics_csv: Path, path: Path) -> Path:
+    """PNG of the training loss per logged step and the validation metrics after each epoch."""
+    loss, validation = logged_curves(metrics_csv)
+    plt = pyplot()
+    figure, (loss_axis, metric_axis) = plt.subplots(1, 2, figsize=(10, 3.5))
+    loss_axis.plot(*zip(*loss))
+    loss_axis.set(xlabel="step", ylabel="training loss", title="training loss")
+    order = {f"val/{name}": position for position, name in enumerate(METRIC_NAMES)}
+    for name, points in sorted(validation.items(), key=lambda item: (order.get(item[0], len(order)), item[0])):
+        metric_axis.plot(*zip(*points), marker="o", markersize=3, label=name.removeprefix("val/"))
+    metric_axis.set(xlabel="epoch", ylabel="validation", title="validation metrics")
+    if validation:
+        metric_axis.legend(fontsize="small")
+    figure.tight_layout()
+    save_figure(figure, path)
+    return path
