@@ -39,8 +39,6 @@ def logged_curves(metrics_csv: Path) -> tuple[list[tuple[int, float]], dict[str,
             for name, value in row.items():
                 if name.startswith("val/") and value:
                     validation.setdefault(name, []).append((int(row["epoch"]) + 1, float(value)))
-    if not loss:
-        raise ValueError(f"{metrics_csv}: no train/loss rows to plot")
     return loss, validation
 
 
@@ -49,7 +47,11 @@ def save_training_curves(metrics_csv: Path, path: Path) -> Path:
     loss, validation = logged_curves(metrics_csv)
     plt = pyplot()
     figure, (loss_axis, metric_axis) = plt.subplots(1, 2, figsize=(10, 3.5))
-    loss_axis.plot(*zip(*loss))
+    if loss:
+        loss_axis.plot(*zip(*loss))
+    else:  # Lightning logs the loss every log_every_n_steps steps; a shorter run has none
+        loss_axis.text(0.5, 0.5, "no training loss logged:\nfewer steps than log_every_n_steps", ha="center",
+                       va="center", transform=loss_axis.transAxes)
     loss_axis.set(xlabel="step", ylabel="training loss", title="training loss")
     order = {f"val/{name}": position for position, name in enumerate(METRIC_NAMES)}
     for name, points in sorted(validation.items(), key=lambda item: (order.get(item[0], len(order)), item[0])):
