@@ -159,3 +159,12 @@ def test_throughput_counts_steady_training_samples_and_leaves_validation_out(tmp
     assert 50 < metrics["time/train_samples_per_second"] <= 4 / 0.02  # 4 samples per step of at least 20 ms
     assert metrics["time/validation_seconds"] >= 0.9  # three validation steps of 0.3 s
     assert 0.28 <= metrics["time/train_epoch_seconds"] < 0.9  # 14 steps of 20 ms, validation left out
+
+
+def test_half_precision_weights_cannot_take_a_small_step():
+    """The measurement behind refusing precision=bf16-true: the spacing of bf16 numbers just below 1 is 2^-8."""
+    from benchmarks.bench_half_weights import frozen_fraction
+    weights = torch.tensor([1.0, 1.0, 0.001, 0.25])
+    assert frozen_fraction(weights, 1e-3, torch.bfloat16) == 0.5  # 1 - 1e-3 rounds back to 1; the smaller ones move
+    assert frozen_fraction(weights, 1e-2, torch.bfloat16) == 0.0
+    assert frozen_fraction(weights, 1e-3, torch.float16) == 0.0  # fp16's spacing below 1 is 2^-11

@@ -78,9 +78,10 @@ def test_run_history_in_mongodb_from_the_environment(data_dir, mongo):
         assert len(series[name]) == 2, name
     assert len(series["test/mAP@10"]) == 1
     assert Path(run["info"]["best_checkpoint"]).is_file()
-    (artifact,) = run["artifacts"]
-    stored = gridfs.GridFS(database).get(artifact["file_id"]).read()
-    assert stored == (Path(run["info"]["run_folder"]) / "lr_schedule.png").read_bytes()
+    artifacts = {artifact["name"]: artifact["file_id"] for artifact in run["artifacts"]}
+    assert set(artifacts) == {"lr_schedule.png", "training_curves.png"}
+    for name, file_id in artifacts.items():
+        assert gridfs.GridFS(database).get(file_id).read() == (Path(run["info"]["run_folder"]) / name).read_bytes()
 
 
 def test_server_down_at_start_fails_at_once_or_falls_back(data_dir):
@@ -146,9 +147,10 @@ def test_fresh_databases_and_concurrent_runs_share_the_file_copy_without_collisi
         for process in running:
             _, stderr = process.communicate(timeout=600)
             assert process.returncode == 0, stderr[-3000:]
-        ids = {server_port: sorted(run["_id"] for run in
-                                   pymongo.MongoClient(f"mongodb://127.0.0.1:{server_port}")["history"].runs.find())
-               for server_port in (port, fresh_port)}
+        ids = {}
+        for server_port in (port, fresh_port):  # clients closed, so the server's shutdown waits for none of them
+            with pymongo.MongoClient(f"mongodb://127.0.0.1:{server_port}") as client:
+                ids[server_port] = sorted(run["_id"] for run in client["history"].runs.find())
     finally:
         fresh.send_signal(signal.SIGTERM)
         fresh.wait(timeout=10)
