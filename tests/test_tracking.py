@@ -43,14 +43,25 @@ def start_server(folder: Path, port: int) -> subprocess.Popen:
     raise RuntimeError(f"{command[0]} did not start on port {port}")
 
 
+def stop_server(server: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL if the server is still there after 10 s (nx-27017 once ignored SIGTERM in a full run:
+    its shutdown is not what these tests check, and a server left behind would outlive the suite)."""
+    if server.poll() is not None:
+        return
+    server.send_signal(signal.SIGTERM)
+    try:
+        server.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+
+
 @pytest.fixture
 def mongo(tmp_path):
     port = free_port()
     server = start_server(tmp_path / "mongo", port)
     yield server, port
-    if server.poll() is None:
-        server.send_signal(signal.SIGTERM)
-        server.wait(timeout=10)
+    stop_server(server)
 
 
 def experiment(data_dir: Path, *arguments: str, env: dict | None = None, wait: bool = True):
@@ -152,8 +163,7 @@ def test_fresh_databases_and_concurrent_runs_share_the_file_copy_without_collisi
             with pymongo.MongoClient(f"mongodb://127.0.0.1:{server_port}") as client:
                 ids[server_port] = sorted(run["_id"] for run in client["history"].runs.find())
     finally:
-        fresh.send_signal(signal.SIGTERM)
-        fresh.wait(timeout=10)
+        stop_server(fresh)
     assert ids == {port: [1], fresh_port: [1, 2, 3]}  # id 1 twice: the case that used to crash at start
     copies = sorted((data_dir / "sacred_runs").glob("*/run.json"))
     assert len(copies) == 4 and all(json.loads(copy.read_text())["status"] == "COMPLETED" for copy in copies)
