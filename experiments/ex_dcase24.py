@@ -347,6 +347,11 @@ def plot_schedule(path: Path, audio_features: dict, min_lr: float, warmup_length
     return path
 
 
+def plot_training_curves(trainer: L.Trainer, path: Path) -> Path:
+    csv_log = next(logger for logger in trainer.loggers if isinstance(logger, CSVLogger))
+    return save_training_curves(Path(csv_log.log_dir) / "metrics.csv", path)
+
+
 @ex.command
 def print_lr(output: str = "lr_schedule.png") -> None:
     """Save the learning-rate schedule of the current config as a PNG: `print_lr with output=path.png ...`."""
@@ -639,9 +644,7 @@ def train_and_evaluate(resume_training: str | None, seed: int, test_weights: str
     trainer = build_trainer(folder)
     fit_recording_interrupts(trainer, module, loaders["train"], loaders["val"], ckpt_path=resume_training)
     if is_rank_zero():
-        csv_log = next(logger for logger in trainer.loggers if isinstance(logger, CSVLogger))
-        ex.add_artifact(str(save_training_curves(Path(csv_log.log_dir) / "metrics.csv",
-                                                 folder / "training_curves.png")))
+        ex.add_artifact(str(plot_training_curves(trainer, folder / "training_curves.png")))
     checkpoints = {"last": trainer.checkpoint_callback.last_model_path,
                    "best": trainer.checkpoint_callback.best_model_path}
     _run.info["best_checkpoint"] = checkpoints["best"]
