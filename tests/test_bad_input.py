@@ -198,6 +198,7 @@ def test_unreadable_captions_for_the_generator_are_one_line_before_any_request(d
 
 def test_ctrl_c_marks_the_run_interrupted_and_resume_continues_the_schedule(data_dir):
     # A real subprocess gets SIGINT once the first epoch's checkpoint exists, then a second run resumes from it.
+    # The seven remaining epochs take about 5 s on CPU-2: the run is stopped first, so Ctrl-C cannot come too late.
     import json
     import os
     import signal
@@ -221,9 +222,12 @@ def test_ctrl_c_marks_the_run_interrupted_and_resume_continues_the_schedule(data
     while not list(data_dir.glob("runs/*/checkpoints/last.ckpt")) and time.monotonic() < deadline:
         assert process.poll() is None, process.stdout.read()[-3000:]
         time.sleep(0.05)
+    # Stopped, the run cannot finish its remaining epochs before the SIGINT is pending; it arrives on SIGCONT.
+    process.send_signal(signal.SIGSTOP)
     process.send_signal(signal.SIGINT)
+    process.send_signal(signal.SIGCONT)
     output, _ = process.communicate(timeout=120)
-    assert process.returncode != 0
+    assert process.returncode != 0, output[-3000:]
     (last,) = data_dir.glob("runs/*/checkpoints/last.ckpt")
     assert f"continue with resume_training={last}" in output
     assert json.loads((observer / "1" / "run.json").read_text())["status"] == "INTERRUPTED"
