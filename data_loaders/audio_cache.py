@@ -3,10 +3,13 @@
 Each clip is a float32 dataset keyed by its file name and stamped with the source file's size and
 modification time; the file carries the sample rate. A clip whose source changed is decoded again,
 the rest are copied. Builds go to a temporary file renamed into place at the end, so a killed
-build leaves the previous cache (or none), never a half-written one.
+build leaves the previous cache (or none), never a half-written one; runs started together on one
+data folder (a sweep) take turns through a lock file, so one decodes and the others reuse its work.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import math
 import os
 import time
@@ -90,13 +93,39 @@ class _DecodeJobs(torch.utils.data.Dataset):
         return name, decode_audio(self.audio_folder / name, self.sample_rate)
 
 
+@contextlib.contextmanager
+def exclusive_build(cache_path: Path):
+    """Holds `<cache>.lock` while the block runs; the kernel releases it when its holder dies, so no stale lock."""
+    lock_path = cache_path.with_name(cache_path.name + ".lock")
+    with open(lock_path, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another process that is building {cache_path}", flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def build_cache(cache_path: Path, audio_folder: Path, file_names: list[str], sample_rate: int,
                 num_workers: int = 0) -> Path:
-    """Bring the cache up to date for exactly `file_names`; decodes only what is stale."""
-    to_decode = stale_clips(cache_path, audio_folder, file_names, sample_rate)
-    if not to_decode:
-        return cache_path
+    """Bring the cache up to date for exactly `file_names`; decodes only what is stale.
+
+    An up-to-date cache is used without the lock (its folder may be read-only); the check under the lock is the
+    one that announces repairs."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if not stale_clips(cache_path, audio_folder, file_names, sample_rate):
+            return cache_path
     cache_path.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive_build(cache_path):  # what was stale may have been built while this run waited
+        to_decode = stale_clips(cache_path, audio_folder, file_names, sample_rate)
+        if to_decode:
+            _write_cache(cache_path, audio_folder, file_names, to_decode, sample_rate, num_workers)
+    return cache_path
+
+
+def _write_cache(cache_path: Path, audio_folder: Path, file_names: list[str], to_decode: list[str],
+                 sample_rate: int, num_workers: int) -> None:
     partial = cache_path.with_name(cache_path.name + ".partial")
     partial.unlink(missing_ok=True)
     reusable = set(file_names) - set(to_decode)
@@ -113,7 +142,6 @@ def build_cache(cache_path: Path, audio_folder: Path, file_names: list[str], sam
             dataset = cache.create_dataset(_dataset_key(name), data=samples)
             dataset.attrs["source"] = source_fingerprint(audio_folder / name)
     os.replace(partial, cache_path)
-    return cache_path
 
 
 def wait_for_cache(cache_path: Path, audio_folder: Path, file_names: list[str], sample_rate: int,

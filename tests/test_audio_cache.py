@@ -126,3 +126,43 @@ def test_other_ranks_wait_for_the_cache_that_rank_zero_builds(audio_folder, tmp_
                                       poll_seconds=0.05) == cache_path
     builder.join()
     assert stale_clips(cache_path, audio_folder, names(audio_folder), 32000) == []
+
+
+
+def build_counting_decodes(cache_path: Path, audio_folder: Path, go, decoded) -> None:
+    """One run of a sweep, in its own process: builds the cache once `go` is set, and reports what it decoded."""
+    counted = []
+    original = audio_cache.decode_audio
+    audio_cache.decode_audio = lambda path, rate: counted.append(path.name) or original(path, rate)
+    go.wait()
+    build_cache(cache_path, audio_folder, names(audio_folder), 32000)
+    decoded.put(counted)
+
+
+def test_runs_started_together_take_turns_and_decode_each_clip_once(audio_folder, tmp_path, capfd):
+    # A sweep of runs on a fresh data folder: each finds the cache missing; before the lock, both renamed the same
+    # temporary file and the second crashed.
+    import multiprocessing
+    import time
+
+    cache_path = tmp_path / "development.h5"
+    context = multiprocessing.get_context("spawn")  # as separate runs are; a fork would share this one's lock
+    decoded, go = context.Queue(), context.Event()
+    builders = [context.Process(target=build_counting_decodes, args=(cache_path, audio_folder, go, decoded))
+                for _ in range(2)]
+    for builder in builders:
+        builder.start()
+    output = ""
+    with audio_cache.exclusive_build(cache_path):  # held here until both runs queue on it
+        go.set()
+        deadline = time.monotonic() + 120
+        while output.count(f"waiting for another process that is building {cache_path}") < 2:
+            assert time.monotonic() < deadline, output
+            time.sleep(0.05)
+            output += capfd.readouterr().out
+    counts = sorted([decoded.get(timeout=120), decoded.get(timeout=120)], key=len)
+    for builder in builders:
+        builder.join(60)
+        assert builder.exitcode == 0
+    assert counts[0] == [] and sorted(counts[1]) == names(audio_folder)
+    assert stale_clips(cache_path, audio_folder, names(audio_folder), 32000) == []
