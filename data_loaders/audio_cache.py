@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import math
 import os
 import time
 import warnings
@@ -126,6 +125,8 @@ def build_cache(cache_path: Path, audio_folder: Path, file_names: list[str], sam
 
 def _write_cache(cache_path: Path, audio_folder: Path, file_names: list[str], to_decode: list[str],
                  sample_rate: int, num_workers: int) -> None:
+    # One fixed name, safe under the lock: a killed build's leftover (gigabytes for Clotho) is replaced by the next
+    # build instead of staying beside it, as a per-writer name (utils/files.py) would.
     partial = cache_path.with_name(cache_path.name + ".partial")
     partial.unlink(missing_ok=True)
     reusable = set(file_names) - set(to_decode)

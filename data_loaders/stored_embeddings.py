@@ -12,7 +12,6 @@ so a stale file is refused before training instead of silently teaching another 
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch
 
 from data_loaders.audio_cache import source_fingerprint
 from data_loaders.clotho_v2 import ClipCaptions
+from utils.files import replaced_atomically
 
 FORMAT_VERSION = 1
 SHOWN = 3  # names listed in a "missing" error
@@ -32,10 +32,9 @@ def embedding_files(checkpoint_folder: Path, train_on: str) -> tuple[Path, Path]
 
 
 def save_atomically(content: dict, path: Path) -> None:
-    """torch.save to a temporary sibling renamed into place: an interrupted write leaves the old file or none."""
-    partial = path.with_name(path.name + ".partial")
-    torch.save(content, partial)
-    os.replace(partial, path)
+    """torch.save that leaves the old file or none when interrupted."""
+    with replaced_atomically(path) as temporary:
+        torch.save(content, temporary)
 
 
 @dataclass(frozen=True)

@@ -6,18 +6,18 @@ import base64
 import csv
 import html
 import io
-import os
 from pathlib import Path
 
 import torch
+
+from utils.files import replaced_atomically
 
 MIME_TYPES = {".wav": "audio/wav", ".flac": "audio/flac", ".ogg": "audio/ogg", ".mp3": "audio/mpeg"}
 
 
 def write_atomically(path: Path, text: str) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text, encoding="utf-8")
-    os.replace(partial, path)
+    with replaced_atomically(path) as temporary:
+        temporary.write_text(text, encoding="utf-8")
 
 
 def _csv_text(rows: list[list]) -> str:

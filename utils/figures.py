@@ -5,20 +5,19 @@ import csv
 import os
 from pathlib import Path
 
+from utils.files import replaced_atomically
 from utils.metrics import METRIC_NAMES
 
 
 def save_figure(figure, path: str | os.PathLike, dpi: int = 120) -> None:
-    """Writes a matplotlib figure to a temporary file, then renames it over `path`, and closes the figure."""
+    """Writes a matplotlib figure whole or not at all, and closes it."""
     import matplotlib.pyplot as plt
 
-    partial = Path(f"{path}.partial.png")
     try:
-        figure.savefig(partial, dpi=dpi)
-        os.replace(partial, path)
+        with replaced_atomically(path) as temporary:
+            figure.savefig(temporary, dpi=dpi)
     finally:
         plt.close(figure)
-        partial.unlink(missing_ok=True)
 
 
 def pyplot():
