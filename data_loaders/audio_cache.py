@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import time
 import warnings
 from pathlib import Path
 
@@ -143,17 +142,6 @@ def _write_cache(cache_path: Path, audio_folder: Path, file_names: list[str], to
             dataset = cache.create_dataset(_dataset_key(name), data=samples)
             dataset.attrs["source"] = source_fingerprint(audio_folder / name)
     os.replace(partial, cache_path)
-
-
-def wait_for_cache(cache_path: Path, audio_folder: Path, file_names: list[str], sample_rate: int,
-                   timeout_seconds: float = 6 * 3600, poll_seconds: float = 2.0) -> Path:
-    """On ranks other than 0: wait until rank 0's build has renamed an up-to-date cache into place."""
-    deadline = time.monotonic() + timeout_seconds
-    while not cache_path.is_file() or stale_clips(cache_path, audio_folder, file_names, sample_rate):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{cache_path} was not built by rank 0 within {timeout_seconds:g} s")
-        time.sleep(poll_seconds)
-    return cache_path
 
 
 class AudioCache:

@@ -12,9 +12,8 @@ import torch
 from sacred import Ingredient
 from torch.utils.data import DataLoader, Dataset
 
-from data_loaders.audio_cache import AudioCache, build_cache, wait_for_cache
+from data_loaders.audio_cache import AudioCache, build_cache
 from data_loaders.clotho_v2 import ClipCaptions, clotho_v2, dataset_folder, load_split
-from utils.distributed import is_rank_zero
 
 data_loader = Ingredient("data_loader")
 
@@ -98,10 +97,8 @@ def get_dataset(split: str, clip_seconds: float, sample_rate: int, crop_seconds:
     clips, audio_folder = load_split(split)
     cache_path = Path(dataset_folder()) / "audio_cache" / f"{audio_folder.name}.h5"
     names = [clip.file_name for clip in clips]
-    if is_rank_zero():
-        cache = AudioCache(build_cache(cache_path, audio_folder, names, sample_rate, num_workers=decode_workers))
-    else:  # one writer: the other ranks of a multi-process run wait for rank 0's cache
-        cache = AudioCache(wait_for_cache(cache_path, audio_folder, names, sample_rate))
+    # every rank of a multi-process run asks; the cache's lock lets one build it and the others reuse it
+    cache = AudioCache(build_cache(cache_path, audio_folder, names, sample_rate, num_workers=decode_workers))
     clip_samples = round(clip_seconds * sample_rate)
     if split == "train" and not per_clip:
         crop_samples = round(crop_seconds * sample_rate) if crop_seconds else None

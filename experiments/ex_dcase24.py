@@ -33,11 +33,12 @@ from models.retrieval_model import RetrievalModel
 from models.teacher import Teacher
 from models.text.transformer import TextEncoder, resolve_text_model, text_model_available
 from search.index import check_model, file_scores, model_fingerprint, read_index, top_files, update_index
-from search.page import render_page, write_atomically, write_ranked_csv, write_similarity_csv
+from search.page import render_page, write_ranked_csv, write_similarity_csv
 from utils.checkpoints import checkpoint_folder, load_model_weights, read_checkpoint, resolve_checkpoint
 from utils.directories import directories, get_data_dir
 from utils.distributed import is_rank_zero
 from utils.figures import save_training_curves
+from utils.files import write_text_atomically
 from utils.metrics import chance_metrics
 from utils.paths import create_unique_folder
 from utils.schedule import save_schedule_plot
@@ -513,7 +514,7 @@ def cmd_search(index_file: str, query: str | None = None, queries_file: str | No
     if similarity_file:
         write_similarity_csv(Path(similarity_file), queries, files, scores)
     if html_file:
-        write_atomically(Path(html_file), render_page(folder, queries, ranked))
+        write_text_atomically(html_file, render_page(folder, queries, ranked))
     return ranked
 
 

@@ -10,14 +10,9 @@ from pathlib import Path
 
 import torch
 
-from utils.files import replaced_atomically
+from utils.files import write_text_atomically
 
 MIME_TYPES = {".wav": "audio/wav", ".flac": "audio/flac", ".ogg": "audio/ogg", ".mp3": "audio/mpeg"}
-
-
-def write_atomically(path: Path, text: str) -> None:
-    with replaced_atomically(path) as temporary:
-        temporary.write_text(text, encoding="utf-8")
 
 
 def _csv_text(rows: list[list]) -> str:
@@ -30,14 +25,14 @@ def write_ranked_csv(path: Path, queries: list[str], ranked: list[list[tuple[str
     rows = [["query", "rank", "file", "score"]]
     rows += [[query, rank, name, f"{score:.6f}"] for query, results in zip(queries, ranked)
              for rank, (name, score) in enumerate(results, start=1)]
-    write_atomically(path, _csv_text(rows))
+    write_text_atomically(path, _csv_text(rows))
 
 
 def write_similarity_csv(path: Path, queries: list[str], files: list[str], scores: torch.Tensor) -> None:
     """One row per query, one column per file (DCASE 2025 task 6 submission format)."""
     rows = [["query", *files]] + [[query, *(f"{value:.6f}" for value in row)]
                                   for query, row in zip(queries, scores.tolist())]
-    write_atomically(path, _csv_text(rows))
+    write_text_atomically(path, _csv_text(rows))
 
 
 def render_page(folder: Path, queries: list[str], ranked: list[list[tuple[str, float]]]) -> str:

@@ -113,22 +113,6 @@ def test_clip_of_the_wrong_length_is_decoded_again(audio_folder, tmp_path, monke
     assert decoded == ["clip 1.wav"] and AudioCache(cache_path).length("clip 1.wav") == 64000
 
 
-def test_other_ranks_wait_for_the_cache_that_rank_zero_builds(audio_folder, tmp_path):
-    import threading
-
-    cache_path = tmp_path / "development.h5"
-    with pytest.raises(TimeoutError, match=f"{cache_path} was not built by rank 0 within 0.2 s"):
-        audio_cache.wait_for_cache(cache_path, audio_folder, names(audio_folder), 32000, timeout_seconds=0.2,
-                                   poll_seconds=0.05)
-    builder = threading.Timer(0.3, build_cache, (cache_path, audio_folder, names(audio_folder), 32000))
-    builder.start()
-    assert audio_cache.wait_for_cache(cache_path, audio_folder, names(audio_folder), 32000, timeout_seconds=60,
-                                      poll_seconds=0.05) == cache_path
-    builder.join()
-    assert stale_clips(cache_path, audio_folder, names(audio_folder), 32000) == []
-
-
-
 def build_counting_decodes(cache_path: Path, audio_folder: Path, go, decoded) -> None:
     """One run of a sweep, in its own process: builds the cache once `go` is set, and reports what it decoded."""
     counted = []

@@ -11,13 +11,11 @@ from utils.metrics import METRIC_NAMES
 
 def save_figure(figure, path: str | os.PathLike, dpi: int = 120) -> None:
     """Writes a matplotlib figure whole or not at all, and closes it."""
-    import matplotlib.pyplot as plt
-
     try:
         with replaced_atomically(path) as temporary:
             figure.savefig(temporary, dpi=dpi)
     finally:
-        plt.close(figure)
+        pyplot().close(figure)
 
 
 def pyplot():

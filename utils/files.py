@@ -23,3 +23,8 @@ def replaced_atomically(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def write_text_atomically(path: str | os.PathLike, text: str) -> None:
+    with replaced_atomically(path) as temporary:
+        temporary.write_text(text, encoding="utf-8")
