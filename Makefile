@@ -14,8 +14,10 @@ $(UV):  ## uv itself, in its own small virtualenv (works where the system Python
 	python3 -m venv .tools
 	.tools/bin/python -m pip install --quiet "uv==$(UV_VERSION)"
 
+# --compile-bytecode: imports read precompiled .pyc files even where PYTHONDONTWRITEBYTECODE is set (as on the
+# development machine), which cuts each new Python process's start from ~18 s to ~7 s on 2 cores.
 $(VENV)/.installed: pyproject.toml uv.lock $(UV)
-	$(UV) sync --frozen --extra dev --python python3
+	$(UV) sync --frozen --extra dev --python python3 --compile-bytecode
 	touch $@
 
 prepare: $(VENV)/.installed  ## install exactly the versions pinned in uv.lock
