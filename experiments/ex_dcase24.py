@@ -25,8 +25,9 @@ from data_loaders.data_loader import data_loader, get_data_loader, get_dataset
 from data_loaders.stored_embeddings import EmbeddingSource, load_stored_embeddings, write_embeddings
 from experiments.config_schema import LEARNING_RATE_KEYS, TEST_WEIGHTS, validate_config
 from experiments.retrieval_module import OptimisationSettings, RetrievalModule
-from experiments.tracking import (RUN_FOLDER_VARIABLE, SacredMetrics, Throughput, fit_recording_interrupts,
-                                  prepare_observer_options, route_mongo_failures)
+from experiments.tracking import (RUN_FOLDER_VARIABLE, LastEpochCheckpoint, SacredMetrics, Throughput,
+                                  fit_recording_interrupts, last_checkpoint, prepare_observer_options,
+                                  route_mongo_failures)
 from models.audio.passt import PasstEncoder, pretrained_weights_path
 from models.pooling import POOLINGS, Pooling, make_pooling
 from models.retrieval_model import RetrievalModel
@@ -327,13 +328,14 @@ def build_loggers(folder: Path, use_wandb: bool, wandb_project: str, wandb_entit
 def build_trainer(folder: Path, max_epochs: int, precision, accumulate_grad_batches: int, gradient_clip_val,
                   accelerator: str, devices, num_nodes: int, strategy: str, monitor: str, log_every_n_steps: int,
                   _run) -> L.Trainer:
-    checkpoint = ModelCheckpoint(dirpath=folder / "checkpoints", filename="best-{epoch:02d}",
-                                 monitor=f"val/{monitor}", mode="max", save_last=True)
+    best = ModelCheckpoint(dirpath=folder / "checkpoints", filename="best-{epoch:02d}", monitor=f"val/{monitor}",
+                           mode="max")
     return L.Trainer(max_epochs=max_epochs, precision=precision, accumulate_grad_batches=accumulate_grad_batches,
                      gradient_clip_val=gradient_clip_val, accelerator=accelerator, devices=devices,
                      num_nodes=num_nodes, strategy=strategy, default_root_dir=folder, logger=build_loggers(folder),
                      # The bar reads its values from the device: refreshing every step would synchronise every step.
-                     callbacks=[checkpoint, LearningRateMonitor(logging_interval="step"), Throughput(),
+                     callbacks=[best, LastEpochCheckpoint(folder / "checkpoints"),
+                                LearningRateMonitor(logging_interval="step"), Throughput(),
                                 SacredMetrics(_run), TQDMProgressBar(refresh_rate=PROGRESS_BAR_REFRESH_STEPS)],
                      log_every_n_steps=log_every_n_steps,
                      num_sanity_val_steps=0)
@@ -646,8 +648,7 @@ def train_and_evaluate(resume_training: str | None, seed: int, test_weights: str
     fit_recording_interrupts(trainer, module, loaders["train"], loaders["val"], ckpt_path=resume_training)
     if is_rank_zero():
         ex.add_artifact(str(plot_training_curves(trainer, folder / "training_curves.png")))
-    checkpoints = {"last": trainer.checkpoint_callback.last_model_path,
-                   "best": trainer.checkpoint_callback.best_model_path}
+    checkpoints = {"last": last_checkpoint(trainer), "best": trainer.checkpoint_callback.best_model_path}
     _run.info["best_checkpoint"] = checkpoints["best"]
     print(f"best checkpoint: {checkpoints['best']}")
     chance = chance_metrics(len(loaders["test"].dataset))

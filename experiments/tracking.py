@@ -15,6 +15,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from sacred.observers import FileStorageObserver, MongoObserver
 from sacred.observers.mongo import parse_mongo_db_arg
 from sacred.utils import SacredInterrupt
@@ -183,6 +184,21 @@ class Throughput(L.Callback):
             module.log("time/train_samples_per_second", self._steady_samples / steady_seconds)
 
 
+class LastEpochCheckpoint(ModelCheckpoint):
+    """`last.ckpt`: the weights, optimiser and schedule after every finished epoch (what `test_weights=last` tests
+    and `resume_training` continues from). Lightning 2.6 writes `save_last`'s copy only when a best checkpoint is
+    written in the same step, so beside a monitored checkpoint it held the last *improving* epoch's weights."""
+
+    def __init__(self, dirpath: Path):
+        super().__init__(dirpath=dirpath, filename="last", monitor=None, save_top_k=1, enable_version_counter=False)
+
+
+def last_checkpoint(trainer: L.Trainer) -> str:
+    """The path of the last finished epoch's checkpoint ('' before the first one)."""
+    return next((callback.best_model_path for callback in trainer.checkpoint_callbacks
+                 if isinstance(callback, LastEpochCheckpoint)), "")
+
+
 class TrainingInterrupted(SacredInterrupt):
     """Ctrl-C during training: Sacred records the run as INTERRUPTED, and the message says how to continue."""
     STATUS = "INTERRUPTED"
@@ -192,14 +208,14 @@ def fit_recording_interrupts(trainer: L.Trainer, *fit_arguments, **fit_keywords)
     """`trainer.fit`, turning Lightning's exit after Ctrl-C into TrainingInterrupted naming the checkpoint to resume.
 
     Lightning catches KeyboardInterrupt inside fit, tears down and calls sys.exit(1), which Sacred would record
-    as FAILED; `last.ckpt` is written (atomically) after every validation, so it holds the last finished epoch.
+    as FAILED; `LastEpochCheckpoint` writes `last.ckpt` after every validation, so it holds the last finished epoch.
     """
     try:
         trainer.fit(*fit_arguments, **fit_keywords)
     except SystemExit:
         if not trainer.interrupted:
             raise
-        last = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else ""
+        last = last_checkpoint(trainer)
         if last and Path(last).is_file():
             raise TrainingInterrupted(f"interrupted in epoch {trainer.current_epoch}; {last} holds the weights, "
                                       f"optimiser and schedule after the last finished epoch: continue with "

@@ -221,6 +221,44 @@ def test_data_is_checked_before_weights_and_weights_before_models(data_dir, monk
     assert not (data_dir / "runs").exists()
 
 
+def test_last_checkpoint_holds_the_last_epoch_when_validation_got_worse(tmp_path):
+    # Lightning 2.6's save_last copy is written only with a new best checkpoint: with validation falling after the
+    # first epoch, its last.ckpt held epoch 0, and test_weights=last tested the best weights.
+    import lightning as L
+    import torch
+
+    from experiments.ex_dcase24 import build_trainer
+    from experiments.tracking import last_checkpoint
+
+    class Falling(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch, batch_index):
+            return self.layer(batch[0]).pow(2).mean()
+
+        def validation_step(self, batch, batch_index):
+            self.log("val/mAP@10", 1.0 - 0.1 * self.current_epoch)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD([{"params": self.parameters(), "name": "all"}], lr=0.1)
+
+    @ex.command(unobserved=True)
+    def fit_falling():
+        trainer = build_trainer(tmp_path)
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 2)), batch_size=4)
+        trainer.fit(Falling(), loader, loader)
+        return last_checkpoint(trainer), trainer.checkpoint_callback.best_model_path
+
+    run = ex.run("fit_falling", named_configs=["demo"], options={"--loglevel": "ERROR"},
+                 config_updates={"max_epochs": 3, "log_every_n_steps": 1})
+    last, best = run.result
+    assert Path(last).name == "last.ckpt" and Path(best).name == "best-epoch=00.ckpt"
+    assert torch.load(last, weights_only=False)["epoch"] == 2 and torch.load(best, weights_only=False)["epoch"] == 0
+    assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == ["best-epoch=00.ckpt", "last.ckpt"]
+
+
 @pytest.mark.parametrize("test_weights, other", [("last", "best"), ("best", "last")])
 def test_the_selected_weights_are_tested_and_the_others_logged(data_dir, monkeypatch, test_weights, other):
     import experiments.ex_dcase24 as experiment
