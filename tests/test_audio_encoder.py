@@ -1,9 +1,10 @@
 import pytest
 import torch
 import torchaudio
+from hear21passt.models.preprocess import AugmentMelSTFT
 
-from models.audio.mel import mel_filter_bank
-from models.audio.passt import PasstEncoder, ScaledDotProductAttention, mel_frames
+from models.audio.mel import MelSTFT, mel_filter_bank
+from models.audio.passt import MEL_SETTINGS, PasstEncoder, ScaledDotProductAttention, mel_frames
 from models.audio.windowing import split_into_windows, window_count
 from models.pooling import masked_mean
 
@@ -155,20 +156,47 @@ def test_mel_filter_bank_is_kaldis_with_hear21passts_nyquist_column(low_hz, high
     assert (ours[:, :-1] - kaldi).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("precision", ["32", "bf16-mixed"])
+@pytest.mark.parametrize("training", [True, False])
+def test_our_front_end_is_hear21passts_and_draws_the_same_numbers(training, precision):
+    """Same input, same seed: the same log-mel energies (pre-emphasis, band edges, SpecAugment masks), and the host's
+    generator left in the same state, so everything drawn after it (patchout, data order) stays the published
+    stream, evaluation included. Under autocast hear21passt's pre-emphasis runs in bf16, and so does ours."""
+    published = AugmentMelSTFT(freqm=8, timem=20, **MEL_SETTINGS).train(training)
+    ours = MelSTFT(freqm=8, timem=20, **MEL_SETTINGS).train(training)
+    audio = torch.randn(3, 5 * 32000) * 0.1
+    outputs, next_draws = [], []
+    for front_end in (published, ours):
+        torch.manual_seed(0)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+            outputs.append(front_end(audio))
+        next_draws.append(torch.rand(4))
+    assert outputs[1].dtype == outputs[0].dtype
+    # Equal to the bit on CPU-2; the tolerance leaves another CPU's rounding one step (bf16's is 1.6e-2 here).
+    tolerance = 1e-6 if precision == "32" else 1.6e-2
+    torch.testing.assert_close(outputs[1], outputs[0], atol=tolerance, rtol=0)
+    assert torch.equal(next_draws[0], next_draws[1])
+
+
 @pytest.mark.parametrize("training", [True, False])
 def test_augmenting_on_the_device_computes_hear21passts_front_end_and_patchout(training):
     """Random band edges, SpecAugment masks and structured patchout: on a CPU, the same draws from the same
-    generator, so a seeded forward pass equals hear21passt's own."""
+    generator, so a seeded forward pass equals hear21passt's own (its front end and `forward_features`)."""
     settings = dict(window_seconds=10, pretrained=False, s_patchout_t=3, s_patchout_f=1, freqm=8, timem=20)
     torch.manual_seed(0)
     published = PasstEncoder("passt_small", **settings).train(training)
+    published.mel = AugmentMelSTFT(freqm=8, timem=20, **MEL_SETTINGS).train(training)
+    published._token_features = published.network.forward_features
     on_device = PasstEncoder("passt_small", augment_on_device=True, **settings).train(training)
+    default = PasstEncoder("passt_small", **settings).train(training)
     on_device.load_state_dict(published.state_dict())  # strict: no new weights
+    default.load_state_dict(published.state_dict())
     audio, lengths = torch.randn(2, 25 * 32000) * 0.1, torch.tensor([25, 12]) * 32000
     outputs = []
-    for encoder in (published, on_device):
+    for encoder in (published, on_device, default):
         torch.manual_seed(1)
         outputs.append(encoder(audio, lengths)[0])
     torch.testing.assert_close(outputs[1], outputs[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outputs[2], outputs[0], atol=1e-5, rtol=1e-5)
     torch.manual_seed(2)
     assert training == (on_device(audio, lengths)[0] - outputs[1]).abs().gt(1e-3).any()  # other draws, other result

@@ -13,21 +13,22 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from hear21passt.models import passt as hear21passt_models
-from hear21passt.models.preprocess import AugmentMelSTFT
 from torch import nn
 
-from models.audio.mel import DeviceMelSTFT
+from models.audio.mel import DeviceMelSTFT, MelSTFT
 from models.audio.windowing import split_into_windows
 
-# hear21passt's front end uses APIs that torch 2.11 deprecates, and warns when a window is shorter than
-# the AudioSet positional grid (expected here); the messages say nothing actionable to our users.
-for _message in ("stft with return_complex=False", r"`torch.cuda.amp.autocast\(args...\)`", "Input image size"):
-    warnings.filterwarnings("ignore", message=_message)
+# hear21passt warns when a window is shorter than the AudioSet positional grid (expected here); the message
+# says nothing actionable to our users.
+warnings.filterwarnings("ignore", message="Input image size")
 
 SAMPLE_RATE = 32000
 MEL_HOP_SAMPLES = 320
 MEL_BINS = 128
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "explicit")
+# hear21passt's log-mel settings for its AudioSet models: 25 ms windows, 10 ms hop, random band edges in training.
+MEL_SETTINGS = dict(n_mels=MEL_BINS, sr=SAMPLE_RATE, win_length=800, hopsize=MEL_HOP_SAMPLES, n_fft=1024, htk=False,
+                    fmin=0.0, fmax=None, norm=1, fmin_aug_range=10, fmax_aug_range=2000)
 
 
 @dataclass(frozen=True)
@@ -192,10 +193,8 @@ class PasstEncoder(nn.Module):
         self.output_size = variant.embed_dim
         self.frozen = frozen
         self.embed_padding_windows = embed_padding_windows
-        front_end = DeviceMelSTFT if augment_on_device else AugmentMelSTFT
-        self.mel = front_end(n_mels=MEL_BINS, sr=SAMPLE_RATE, win_length=800, hopsize=MEL_HOP_SAMPLES,
-                             n_fft=1024, freqm=freqm, timem=timem, htk=False, fmin=0.0, fmax=None,
-                             norm=1, fmin_aug_range=10, fmax_aug_range=2000)
+        front_end = DeviceMelSTFT if augment_on_device else MelSTFT
+        self.mel = front_end(freqm=freqm, timem=timem, **MEL_SETTINGS)
         self.network = use_attention(
             _build_passt(model, variant, self.window_samples, pretrained, s_patchout_t, s_patchout_f), attention)
         self._token_features = (partial(token_features_on_device, self.network) if augment_on_device
