@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from data_loaders.audio_cache import AudioCache, build_cache
 from data_loaders.clotho_v2 import ClipCaptions, clotho_v2, dataset_folder, load_split
+from models.audio.windowing import padded_length
 
 data_loader = Ingredient("data_loader")
 
@@ -28,6 +29,7 @@ def data_loader_config():
 class _CachedClips(Dataset):
     def __init__(self, clips: list[ClipCaptions], cache: AudioCache, clip_samples: int):
         self.clips, self.cache, self.clip_samples = clips, cache, clip_samples
+        self.padded_samples = clip_samples  # the length every batch is zero-padded to
 
     def _audio(self, file_name: str, crop_samples: int | None = None) -> torch.Tensor:
         available = min(self.cache.length(file_name), self.clip_samples)
@@ -38,12 +40,14 @@ class _CachedClips(Dataset):
 
 
 class CaptionAudioDataset(_CachedClips):
-    """One item per caption: its clip's audio (randomly cropped to `crop_samples` if given)."""
+    """One item per caption: its clip's audio (randomly cropped to `crop_samples` if given). `padded_samples`: the
+    length batches are padded to (default: the clip's)."""
 
     def __init__(self, clips: list[ClipCaptions], cache: AudioCache, clip_samples: int,
-                 crop_samples: int | None = None):
+                 crop_samples: int | None = None, padded_samples: int | None = None):
         super().__init__(clips, cache, clip_samples)
         self.crop_samples = crop_samples
+        self.padded_samples = min(padded_samples or clip_samples, clip_samples)
         self.samples = [(index, caption) for index, clip in enumerate(clips) for caption in clip.captions]
 
     def __len__(self) -> int:
@@ -92,8 +96,13 @@ class PadCollate:
 
 @clotho_v2.capture
 def get_dataset(split: str, clip_seconds: float, sample_rate: int, crop_seconds: float | None = None,
-                decode_workers: int = 0, per_clip: bool = False) -> Dataset:
-    """A split's dataset over an up-to-date audio cache (train: per caption, unless `per_clip`; val/test: per clip)."""
+                crop_windows: tuple[float, float] | None = None, decode_workers: int = 0,
+                per_clip: bool = False) -> Dataset:
+    """A split's dataset over an up-to-date audio cache (train: per caption, unless `per_clip`; val/test: per clip).
+
+    `crop_windows`: the (window, hop) seconds of an encoder that masks padding windows; batches of crops are then
+    padded only as far as the windows that start inside a crop reach, not to the clip (the same windows, a sixth of
+    the bytes for 5 s crops of 30 s clips). Without it, crops are padded to the clip length."""
     clips, audio_folder = load_split(split)
     cache_path = Path(dataset_folder()) / "audio_cache" / f"{audio_folder.name}.h5"
     names = [clip.file_name for clip in clips]
@@ -102,7 +111,11 @@ def get_dataset(split: str, clip_seconds: float, sample_rate: int, crop_seconds:
     clip_samples = round(clip_seconds * sample_rate)
     if split == "train" and not per_clip:
         crop_samples = round(crop_seconds * sample_rate) if crop_seconds else None
-        return CaptionAudioDataset(clips, cache, clip_samples, crop_samples)
+        padded_samples = None
+        if crop_samples and crop_windows:
+            window_samples, hop_samples = (round(seconds * sample_rate) for seconds in crop_windows)
+            padded_samples = padded_length(crop_samples, window_samples, hop_samples)
+        return CaptionAudioDataset(clips, cache, clip_samples, crop_samples, padded_samples)
     return ClipDataset(clips, cache, clip_samples)
 
 
@@ -111,5 +124,5 @@ def get_data_loader(dataset: Dataset, train: bool, batch_size: int, batch_size_e
                     n_workers: int) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size if train else batch_size_eval, shuffle=train,
                       drop_last=train and len(dataset) > batch_size, num_workers=n_workers,
-                      collate_fn=PadCollate(dataset.clip_samples), persistent_workers=n_workers > 0,
+                      collate_fn=PadCollate(dataset.padded_samples), persistent_workers=n_workers > 0,
                       pin_memory=torch.cuda.is_available())

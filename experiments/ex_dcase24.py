@@ -237,13 +237,17 @@ def check_hardware(precision, accelerator: str, devices, num_nodes: int, require
                            "GPU machine, or add require_gpu=False to train on this machine anyway")
 
 
+def window_and_hop_seconds(audio_features: dict) -> tuple[float, float]:
+    hop_seconds = audio_features["hop_length"]
+    return audio_features["segment_length"], audio_features["segment_length"] if hop_seconds is None else hop_seconds
+
+
 @ex.capture
 def build_audio_encoder(audio_features: dict, stand_in_models: bool) -> PasstEncoder:
     config = audio_features["model_config"]
-    hop_seconds = audio_features["hop_length"]
+    window_seconds, hop_seconds = window_and_hop_seconds(audio_features)
     return PasstEncoder(model=DEMO_AUDIO_MODEL if stand_in_models else audio_features["model"],
-                        window_seconds=audio_features["segment_length"],
-                        hop_seconds=audio_features["segment_length"] if hop_seconds is None else hop_seconds,
+                        window_seconds=window_seconds, hop_seconds=hop_seconds,
                         pretrained=config["pretrained"] and not stand_in_models, s_patchout_t=config["s_patchout_t"],
                         s_patchout_f=config["s_patchout_f"], freqm=config["freqm"], timem=config["timem"],
                         frozen=config["frozen"],
@@ -291,10 +295,13 @@ def build_optimisation(lr_audio_encoder: float, lr_audio_project: float, lr_sent
 
 
 @ex.capture
-def build_data_loaders(max_audio_seconds: float | None, data_loader: dict) -> dict:
+def build_data_loaders(max_audio_seconds: float | None, data_loader: dict, audio_features: dict) -> dict:
     workers = data_loader["n_workers"]
-    return {"train": get_data_loader(get_dataset("train", crop_seconds=max_audio_seconds, decode_workers=workers),
-                                     train=True),
+    # Crops padded to the clip only for a pooling that attends over padding windows (the published own-caption TAP).
+    uses_padding = POOLINGS[audio_features["aggregate"]].uses_padding_windows
+    crop_windows = None if uses_padding else window_and_hop_seconds(audio_features)
+    train = get_dataset("train", crop_seconds=max_audio_seconds, crop_windows=crop_windows, decode_workers=workers)
+    return {"train": get_data_loader(train, train=True),
             **{split: get_data_loader(get_dataset(split, decode_workers=workers), train=False)
                for split in ("val", "test")}}
 

@@ -1,11 +1,12 @@
 import pytest
 import torch
+import torch.nn.functional as F
 import torchaudio
 from hear21passt.models.preprocess import AugmentMelSTFT
 
 from models.audio.mel import MelSTFT, mel_filter_bank
 from models.audio.passt import MEL_SETTINGS, PasstEncoder, ScaledDotProductAttention, mel_frames
-from models.audio.windowing import split_into_windows, window_count
+from models.audio.windowing import padded_length, split_into_windows, window_count
 from models.pooling import masked_mean
 
 
@@ -23,6 +24,21 @@ def test_window_count_and_padding_mask():
 def test_short_clip_keeps_its_first_window():
     _, mask = split_into_windows(torch.zeros(1, 30), torch.tensor([0]), 10, 5)
     assert mask.tolist() == [[True, False, False, False, False]]
+
+
+@pytest.mark.parametrize("crop, window, hop", [(12, 10, 5), (12, 10, 10), (5, 5, 5), (7, 10, 10), (13, 4, 3),
+                                               (9, 3, 1), (10, 10, 4)])
+def test_crops_padded_to_their_padded_length_have_the_real_windows_of_the_whole_clip(crop, window, hop):
+    length = padded_length(crop, window, hop)
+    audio = torch.arange(1, 1 + crop, dtype=torch.float32).repeat(3, 1)
+    lengths = torch.tensor([crop, crop - 1, 1])
+    audio[1, crop - 1:], audio[2, 1:] = 0, 0
+    short_windows, short_mask = split_into_windows(F.pad(audio, (0, length - crop)), lengths, window, hop)
+    long_windows, long_mask = split_into_windows(F.pad(audio, (0, 60 - crop)), lengths, window, hop)
+    count = short_mask.shape[1]
+    assert count == window_count(length, window, hop) and not long_mask[:, count:].any()
+    assert torch.equal(short_mask, long_mask[:, :count]) and torch.equal(short_windows, long_windows[:, :count])
+    assert short_mask[0].all()  # the shortest such length: even its last window starts inside the crop
 
 
 def test_window_errors():

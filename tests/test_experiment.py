@@ -116,21 +116,27 @@ def test_make_train_recipe_says_the_gpu_is_missing(data_dir):
                                                                                                3e-6, 1.0)
 
 
-@pytest.mark.parametrize("aggregate, pooling_class, embeds_padding", [
-    ("TAP", "TextAwareAttentionPooling", False), ("TAP_own_caption", "OwnCaptionAttentionPooling", True)])
-def test_config_scopes_reach_the_captured_builders(data_dir, aggregate, pooling_class, embeds_padding):
-    from experiments.ex_dcase24 import build_audio_encoder, build_pooling
+@pytest.mark.parametrize("aggregate, pooling_class, embeds_padding, batch_seconds", [
+    ("TAP", "TextAwareAttentionPooling", False, 7.5), ("TAP_own_caption", "OwnCaptionAttentionPooling", True, 30)])
+def test_config_scopes_reach_the_captured_builders(data_dir, aggregate, pooling_class, embeds_padding, batch_seconds):
+    # The demo's 5 s training crops are padded as far as the 3 s windows starting inside them reach (every 1.5 s:
+    # 0-3 ... 4.5-7.5 s), except where the pooling attends over padding windows: then to the 30 s clip.
+    from experiments.ex_dcase24 import build_audio_encoder, build_data_loaders, build_pooling
 
     @ex.command(unobserved=True)
     def built_components():
         encoder, pooling = build_audio_encoder(), build_pooling()
+        training_batch = next(iter(build_data_loaders()["train"]))
         return (encoder.window_samples, encoder.hop_samples, encoder.embed_padding_windows, type(pooling).__name__,
-                pooling.weight_dropout.p, pooling.text_norm is pooling.output_norm)
+                pooling.weight_dropout.p, pooling.text_norm is pooling.output_norm, training_batch["audio"].shape[1],
+                int(training_batch["audio_length"].max()))
 
     run = ex.run("built_components", named_configs=["demo"], options={"--loglevel": "ERROR"},
                  config_updates={"audio_features": {"segment_length": 3, "hop_length": 1.5, "aggregate": aggregate},
-                                 "tap_hyperparams": {"p_dropout_weights": 0.25, "shared_norm": False}})
-    assert run.result == (3 * 32000, 48000, embeds_padding, pooling_class, 0.25, False)
+                                 "tap_hyperparams": {"p_dropout_weights": 0.25, "shared_norm": False},
+                                 "data_loader": {"n_workers": 0}, "directories": {"data_dir": str(data_dir)}})
+    assert run.result == (3 * 32000, 48000, embeds_padding, pooling_class, 0.25, False, batch_seconds * 32000,
+                          5 * 32000)
 
 
 @pytest.mark.parametrize("projection, projection_parameters, groups", [

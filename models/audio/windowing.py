@@ -13,6 +13,13 @@ def window_count(clip_samples: int, window_samples: int, hop_samples: int) -> in
     return (clip_samples - window_samples + hop_samples - 1) // hop_samples + 1
 
 
+def padded_length(samples: int, window_samples: int, hop_samples: int) -> int:
+    """The shortest padded length whose windows include, whole, every window that starts inside `samples`: audio of
+    at most `samples` padded to it gives the same real windows (and so the same masked pooling) as padded further."""
+    starts_inside = -(-samples // hop_samples)
+    return (starts_inside - 1) * hop_samples + window_samples
+
+
 def split_into_windows(audio: torch.Tensor, audio_length: torch.Tensor, window_samples: int,
                        hop_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Windows of every clip and which of them hold real audio.
