@@ -29,7 +29,7 @@ lock: $(UV)  ## after editing pyproject.toml: re-resolve uv.lock and re-export r
 demo-data: prepare  ## write the synthetic Clotho-format dataset to $(DATA_DIR)/clotho_demo if absent
 	$(PYTHON) -m data_loaders.demo_data --data-dir "$(DATA_DIR)" --if-missing
 
-demo: demo-data  ## train and evaluate the CPU demo (about 6 minutes on 2 cores)
+demo: demo-data  ## train and evaluate the CPU demo (about 4 minutes on 2 cores)
 	$(PYTHON) -m experiments.ex_dcase24 with demo "directories.data_dir=$(DATA_DIR)"
 
 demo-stage2: demo-data  ## stage 1, its embeddings and stage 2 (salsa's keys) on the demo data
