@@ -14,7 +14,7 @@ fit=("$python" -m benchmarks.bench_stage1 --json "$out/fit.jsonl" fit --config b
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/machine.txt"
 $python -c "import torch, transformers, lightning; print('torch', torch.__version__, 'transformers', \
 transformers.__version__, 'lightning', lightning.__version__, 'cpus', __import__('os').cpu_count())" | tee -a "$out/machine.txt"
-timeout 240 "${step[@]}" --levers all_windows on_device cuda_graphs --evaluate-after cuda_graphs --eval-batches 64
+timeout 240 "${step[@]}" --levers all_windows mel_front_end on_device cuda_graphs --evaluate-after cuda_graphs --eval-batches 64
 timeout 240 "${fit[@]}" fast_gpu audio_features.augment_on_device=True sentence_features.padding=max_length compile=True \
     compile_mode=reduce-overhead
 timeout 200 "${fit[@]}" fast_gpu
