@@ -20,6 +20,7 @@ from sacred.observers import FileStorageObserver, MongoObserver
 from sacred.observers.mongo import parse_mongo_db_arg
 from sacred.utils import SacredInterrupt
 
+from utils.checkpoints import LAST_CHECKPOINT
 from utils.distributed import is_rank_zero
 from utils.paths import default_data_dir
 
@@ -190,7 +191,8 @@ class LastEpochCheckpoint(ModelCheckpoint):
     written in the same step, so beside a monitored checkpoint it held the last *improving* epoch's weights."""
 
     def __init__(self, dirpath: Path):
-        super().__init__(dirpath=dirpath, filename="last", monitor=None, save_top_k=1, enable_version_counter=False)
+        super().__init__(dirpath=dirpath, filename=Path(LAST_CHECKPOINT).stem, monitor=None, save_top_k=1,
+                         enable_version_counter=False)
 
 
 def last_checkpoint(trainer: L.Trainer) -> str:

@@ -9,6 +9,7 @@ import torch
 
 SHOWN = 5  # names listed per kind of mismatch
 LOAD_LAST = ("best", "last")  # which checkpoint of a run folder: best validation, or after the last epoch
+LAST_CHECKPOINT = "last.ckpt"  # in a run's checkpoints/: the weights after the last finished epoch
 
 
 def resolve_checkpoint(value: str, load_last: str, runs_folder: Path, key: str = "load_parameters") -> Path:
@@ -23,10 +24,10 @@ def resolve_checkpoint(value: str, load_last: str, runs_folder: Path, key: str =
                                 f"{runs_folder}")
     checkpoints = folder / "checkpoints"
     found = sorted(checkpoints.glob("best-*.ckpt")) if load_last == "best" else \
-        [checkpoints / "last.ckpt"] if (checkpoints / "last.ckpt").is_file() else []
+        [checkpoints / LAST_CHECKPOINT] if (checkpoints / LAST_CHECKPOINT).is_file() else []
     if len(found) != 1:
         raise FileNotFoundError(f"{key}={value!r}: run folder {folder} holds {len(found) or 'no'} "
-                                f"{'best-*.ckpt' if load_last == 'best' else 'last.ckpt'} checkpoint(s) in "
+                                f"{'best-*.ckpt' if load_last == 'best' else LAST_CHECKPOINT} checkpoint(s) in "
                                 f"checkpoints/ (load_last={load_last!r}: {' or '.join(LOAD_LAST)})")
     return found[0]
 
