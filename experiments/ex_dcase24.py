@@ -14,7 +14,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
 from sacred import Experiment
 from tqdm import tqdm
@@ -25,8 +25,8 @@ from data_loaders.data_loader import data_loader, get_data_loader, get_dataset
 from data_loaders.stored_embeddings import EmbeddingSource, load_stored_embeddings, write_embeddings
 from experiments.config_schema import LEARNING_RATE_KEYS, TEST_WEIGHTS, validate_config
 from experiments.retrieval_module import OptimisationSettings, RetrievalModule
-from experiments.tracking import (RUN_FOLDER_VARIABLE, LastEpochCheckpoint, SacredMetrics, Throughput,
-                                  fit_recording_interrupts, last_checkpoint, prepare_observer_options,
+from experiments.tracking import (RUN_FOLDER_VARIABLE, BestCheckpoint, LastEpochCheckpoint, SacredMetrics,
+                                  Throughput, fit_recording_interrupts, last_checkpoint, prepare_observer_options,
                                   route_mongo_failures)
 from models.audio.passt import PasstEncoder, pretrained_weights_path
 from models.pooling import POOLINGS, Pooling, make_pooling
@@ -335,13 +335,12 @@ def build_loggers(folder: Path, use_wandb: bool, wandb_project: str, wandb_entit
 def build_trainer(folder: Path, max_epochs: int, precision, accumulate_grad_batches: int, gradient_clip_val,
                   accelerator: str, devices, num_nodes: int, strategy: str, monitor: str, log_every_n_steps: int,
                   _run) -> L.Trainer:
-    best = ModelCheckpoint(dirpath=folder / "checkpoints", filename="best-{epoch:02d}", monitor=f"val/{monitor}",
-                           mode="max")
     return L.Trainer(max_epochs=max_epochs, precision=precision, accumulate_grad_batches=accumulate_grad_batches,
                      gradient_clip_val=gradient_clip_val, accelerator=accelerator, devices=devices,
                      num_nodes=num_nodes, strategy=strategy, default_root_dir=folder, logger=build_loggers(folder),
                      # The bar reads its values from the device: refreshing every step would synchronise every step.
-                     callbacks=[best, LastEpochCheckpoint(folder / "checkpoints"),
+                     callbacks=[BestCheckpoint(folder / "checkpoints", f"val/{monitor}"),
+                                LastEpochCheckpoint(folder / "checkpoints"),
                                 LearningRateMonitor(logging_interval="step"), Throughput(),
                                 SacredMetrics(_run), TQDMProgressBar(refresh_rate=PROGRESS_BAR_REFRESH_STEPS)],
                      log_every_n_steps=log_every_n_steps,

@@ -185,6 +185,22 @@ class Throughput(L.Callback):
             module.log("time/train_samples_per_second", self._steady_samples / steady_seconds)
 
 
+class BestCheckpoint(ModelCheckpoint):
+    """`best-<epoch>.ckpt`, the best validation `monitor` so far. A run resumed into a new run folder keeps competing
+    with the best epoch before the interruption: Lightning forgets that score when the folder changes, so the first
+    resumed epoch would become the best whatever its score (the earlier file stays where it is)."""
+
+    def __init__(self, dirpath: Path, monitor: str):
+        super().__init__(dirpath=dirpath, filename="best-{epoch:02d}", monitor=monitor, mode="max")
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        earlier, score = state_dict.get("best_model_path"), state_dict.get("best_model_score")
+        if self.best_model_score is None and score is not None and earlier and Path(earlier).is_file():
+            self.best_model_score = self.kth_value = score
+            self.kth_best_model_path, self.best_k_models = earlier, {earlier: score}
+
+
 class LastEpochCheckpoint(ModelCheckpoint):
     """`last.ckpt`: the weights, optimiser and schedule after every finished epoch (what `test_weights=last` tests
     and `resume_training` continues from). Lightning 2.6 writes `save_last`'s copy only when a best checkpoint is

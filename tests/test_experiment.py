@@ -7,7 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
+import torch
 
 from experiments.ex_dcase24 import ex
 
@@ -227,42 +229,55 @@ def test_data_is_checked_before_weights_and_weights_before_models(data_dir, monk
     assert not (data_dir / "runs").exists()
 
 
-def test_last_checkpoint_holds_the_last_epoch_when_validation_got_worse(tmp_path):
-    # Lightning 2.6's save_last copy is written only with a new best checkpoint: with validation falling after the
-    # first epoch, its last.ckpt held epoch 0, and test_weights=last tested the best weights.
-    import lightning as L
-    import torch
+class FallingValidation(L.LightningModule):
+    """Validation mAP@10 falls by 0.1 an epoch from 1.0."""
 
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(2, 1)
+
+    def training_step(self, batch, batch_index):
+        return self.layer(batch[0]).pow(2).mean()
+
+    def validation_step(self, batch, batch_index):
+        self.log("val/mAP@10", 1.0 - 0.1 * self.current_epoch)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD([{"params": self.parameters(), "name": "all"}], lr=0.1)
+
+
+def fit_falling(folder: Path, max_epochs: int, resume: str | None = None) -> tuple[str, str]:
+    """The experiment's own trainer (build_trainer) on FallingValidation: (last checkpoint, best checkpoint)."""
     from experiments.ex_dcase24 import build_trainer
     from experiments.tracking import last_checkpoint
 
-    class Falling(L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.layer = torch.nn.Linear(2, 1)
-
-        def training_step(self, batch, batch_index):
-            return self.layer(batch[0]).pow(2).mean()
-
-        def validation_step(self, batch, batch_index):
-            self.log("val/mAP@10", 1.0 - 0.1 * self.current_epoch)
-
-        def configure_optimizers(self):
-            return torch.optim.SGD([{"params": self.parameters(), "name": "all"}], lr=0.1)
-
     @ex.command(unobserved=True)
-    def fit_falling():
-        trainer = build_trainer(tmp_path)
+    def fit_falling_validation():
+        trainer = build_trainer(folder)
         loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 2)), batch_size=4)
-        trainer.fit(Falling(), loader, loader)
+        trainer.fit(FallingValidation(), loader, loader, ckpt_path=resume)
         return last_checkpoint(trainer), trainer.checkpoint_callback.best_model_path
 
-    run = ex.run("fit_falling", named_configs=["demo"], options={"--loglevel": "ERROR"},
-                 config_updates={"max_epochs": 3, "log_every_n_steps": 1})
-    last, best = run.result
+    return ex.run("fit_falling_validation", named_configs=["demo"], options={"--loglevel": "ERROR"},
+                  config_updates={"max_epochs": max_epochs, "log_every_n_steps": 1}).result
+
+
+def test_last_checkpoint_holds_the_last_epoch_when_validation_got_worse(tmp_path):
+    # Lightning 2.6's save_last copy is written only with a new best checkpoint: with validation falling after the
+    # first epoch, its last.ckpt held epoch 0, and test_weights=last tested the best weights.
+    last, best = fit_falling(tmp_path, max_epochs=3)
     assert Path(last).name == "last.ckpt" and Path(best).name == "best-epoch=00.ckpt"
     assert torch.load(last, weights_only=False)["epoch"] == 2 and torch.load(best, weights_only=False)["epoch"] == 0
     assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == ["best-epoch=00.ckpt", "last.ckpt"]
+
+
+def test_a_run_resumed_into_a_new_folder_keeps_the_best_epoch_before_the_interruption(tmp_path):
+    # Lightning forgets the best score when the checkpoint folder changes (every resumed run has a new run folder):
+    # the first resumed epoch (0.8) became the best although epoch 0 (1.0) was better.
+    first_last, first_best = fit_falling(tmp_path / "first", max_epochs=2)
+    last, best = fit_falling(tmp_path / "resumed", max_epochs=4, resume=first_last)
+    assert best == first_best and torch.load(last, weights_only=False)["epoch"] == 3
+    assert sorted(path.name for path in (tmp_path / "resumed" / "checkpoints").iterdir()) == ["last.ckpt"]
 
 
 @pytest.mark.parametrize("test_weights, other", [("last", "best"), ("best", "last")])
