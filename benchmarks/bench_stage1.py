@@ -11,8 +11,9 @@ lever's model built with its settings and the same weights, so each row shows wh
 attention in both encoders, bf16 autocast, fused AdamW, every window embedded, our faster computation of hear21passt's
 front end, augmentation and masks made on the device, torch.compile with fixed caption shapes, CUDA graphs. Batches
 are random (audio with Clotho's 15-30 s lengths, generated on the device; captions from the demo vocabulary,
-tokenised on the host as in training), weights random: the architectures, not the weights, set the cost. Model FLOPs are counted with torch's FlopCounterMode on
-the timed batches; MFU divides them by the time and the GPU's dense bf16 peak. One more step per lever runs under
+tokenised on the host as in training), weights random: the architectures, not the weights, set the cost. Model
+FLOPs are counted with torch's FlopCounterMode on the timed batches; MFU divides them by the time and the GPU's dense
+bf16 peak. One more step per lever runs under
 CUDA's synchronisation debug mode, which counts how often the step makes the host wait for the GPU. A full-split
 evaluation (1,045 clips, 5,225 captions: encode each once, score all pairs, compute the metrics) is timed after the
 levers named by --evaluate-after.
