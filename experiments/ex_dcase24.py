@@ -14,7 +14,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, TQDMProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger
 from sacred import Experiment
 from tqdm import tqdm
@@ -26,8 +26,8 @@ from data_loaders.stored_embeddings import EmbeddingSource, load_stored_embeddin
 from experiments.config_schema import LEARNING_RATE_KEYS, TEST_WEIGHTS, validate_config
 from experiments.retrieval_module import OptimisationSettings, RetrievalModule
 from experiments.tracking import (RUN_FOLDER_VARIABLE, BestCheckpoint, LastEpochCheckpoint, SacredMetrics,
-                                  Throughput, fit_recording_interrupts, last_checkpoint, prepare_observer_options,
-                                  route_mongo_failures)
+                                  Throughput, TrainingProgressBar, fit_recording_interrupts, last_checkpoint,
+                                  prepare_observer_options, route_mongo_failures)
 from models.audio.passt import PasstEncoder, pretrained_weights_path
 from models.pooling import POOLINGS, Pooling, make_pooling
 from models.retrieval_model import RetrievalModel
@@ -342,7 +342,7 @@ def build_trainer(folder: Path, max_epochs: int, precision, accumulate_grad_batc
                      callbacks=[BestCheckpoint(folder / "checkpoints", f"val/{monitor}"),
                                 LastEpochCheckpoint(folder / "checkpoints"),
                                 LearningRateMonitor(logging_interval="step"), Throughput(),
-                                SacredMetrics(_run), TQDMProgressBar(refresh_rate=PROGRESS_BAR_REFRESH_STEPS)],
+                                SacredMetrics(_run), TrainingProgressBar(refresh_rate=PROGRESS_BAR_REFRESH_STEPS)],
                      log_every_n_steps=log_every_n_steps,
                      num_sanity_val_steps=0)
 

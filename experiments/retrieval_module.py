@@ -8,6 +8,7 @@ from functools import partial
 import lightning as L
 import torch
 
+from experiments.tracking import TRAIN_LOSS
 from models.distributed_loss import global_contrastive_loss
 from models.losses import distillation_loss, multi_positive_contrastive_loss
 from models.retrieval_model import RetrievalModel
@@ -94,7 +95,8 @@ class RetrievalModule(L.LightningModule):
         else:
             scores = self.model.score(text, windows, mask)
             loss = multi_positive_contrastive_loss(scores, batch["clip_index"], self.positive_weighting)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["caption"]), sync_dist=distributed)
+        # Not prog_bar=True: Lightning would read it back after every step (TrainingProgressBar shows it).
+        self.log(TRAIN_LOSS, loss, batch_size=len(batch["caption"]), sync_dist=distributed)
         self.log("train/tau", self.model.tau.detach(), batch_size=len(batch["caption"]))
         loss = self.loss_weight * loss
         if self.teachers:  # stage 2 trains on one device (the config check says so)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from sacred.observers import FileStorageObserver, MongoObserver
 from sacred.observers.mongo import parse_mongo_db_arg
 from sacred.utils import SacredInterrupt
@@ -27,6 +27,7 @@ from utils.paths import default_data_dir
 MONGO_OPTION = "--mongo_db"
 FILE_OPTION = "--file_storage"
 RUN_FOLDER_VARIABLE = "DCASE24_RUN_FOLDER"  # rank 0's run folder, inherited by the ranks Lightning starts
+TRAIN_LOSS = "train/loss"  # the contrastive loss of each training batch, as the module logs it
 
 
 def mongo_reachable(url: str, timeout_ms: int = 2000) -> bool:
@@ -115,7 +116,7 @@ class SacredMetrics(L.Callback):
     def on_train_epoch_end(self, trainer, module) -> None:
         epoch = trainer.current_epoch
         if self._losses:
-            self.run.log_scalar("train/loss", torch.stack(self._losses).float().mean().item(), epoch)
+            self.run.log_scalar(TRAIN_LOSS, torch.stack(self._losses).float().mean().item(), epoch)
             self._losses.clear()
         for group in trainer.optimizers[0].param_groups:
             self.run.log_scalar(f"lr-AdamW/{group['name']}", group["lr"], epoch)
@@ -132,6 +133,16 @@ class SacredMetrics(L.Callback):
 
     def on_test_end(self, trainer, module) -> None:
         self._log_prefixed(trainer, f"{module.test_prefix}/")
+
+
+class TrainingProgressBar(TQDMProgressBar):
+    """tqdm's bar with the training loss, read from the device only when the bar refreshes. Lightning turns every
+    value logged with `prog_bar=True` into a Python number after every batch, whatever the refresh rate: the host
+    would wait for the device at the end of every step."""
+
+    def get_metrics(self, trainer, module) -> dict:
+        loss = trainer.callback_metrics.get(TRAIN_LOSS)
+        return {**super().get_metrics(trainer, module), **({} if loss is None else {TRAIN_LOSS: loss.item()})}
 
 
 def _synchronize(module: L.LightningModule) -> None:

@@ -49,6 +49,7 @@ def test_demo_runs_end_to_end_through_the_command_line(data_dir):
     assert set(result) == {"mAP@10", "R@1", "R@5", "R@10"}
     assert all(0.0 <= value <= 1.0 for value in result.values())
     assert "mAP@10" in completed.stdout and "(chance 0.5208)" in completed.stdout  # 4 test clips
+    assert "train/loss=" in completed.stdout  # on the bar, read when it refreshes
     (run_folder,) = (data_dir / "runs").iterdir()
     checkpoints = sorted(path.name for path in (run_folder / "checkpoints").iterdir())
     assert "last.ckpt" in checkpoints and any(name.startswith("best-") for name in checkpoints)

@@ -1,5 +1,6 @@
 """The speed levers of the stage-1 model (benchmarks/RESULTS.md): each computes what the published code computes."""
 import copy
+from collections import Counter
 
 import lightning as L
 import pytest
@@ -10,6 +11,7 @@ from torch.utils._pytree import tree_flatten
 from experiments.ex_dcase24 import ex
 from experiments.tracking import Throughput
 from models.losses import multi_positive_contrastive_loss
+from tests.test_experiment import run_demo
 
 
 def demo_model(data_dir, **updates):
@@ -130,6 +132,69 @@ def test_fast_gpu_adds_levers_to_the_published_defaults():
         "bf16-mixed", True, 64)
     changed = {key for key in published if published[key] != fast[key]}
     assert changed == {"precision", "audio_features", "data_loader"}  # nothing else of the published system moves
+
+
+# Where a GPU makes the host wait: a value read back (`.item()`, `float()`, a tensor in an `if`), or a result whose
+# size depends on values (`nonzero`, indexing with a boolean mask).
+READ_BACKS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default}
+
+
+class DeviceReads(TorchDispatchMode, L.Callback):
+    """Counts the read-backs of each training batch, from its `on_train_batch_start` to the next one's (validation
+    left out). DataLoader workers are other processes, so only the training loop's own work is counted."""
+
+    def __init__(self):
+        TorchDispatchMode.__init__(self)
+        self.batch: int | None = None
+        self.reads = Counter()
+
+    def __torch_dispatch__(self, function, types, args=(), kwargs=None):
+        if function in READ_BACKS and self.batch is not None:
+            self.reads[self.batch] += 1
+        return function(*args, **(kwargs or {}))
+
+    def on_train_batch_start(self, trainer, module, batch, batch_index):
+        self.batch = batch_index
+
+    def on_validation_start(self, trainer, module):
+        self.batch = None
+
+
+class GpuAdamW(torch.optim.AdamW):
+    """The fused AdamW the module picks on a GPU; on a CPU it would pick torch's loop, which reads each step count."""
+
+    def __init__(self, *arguments, fused=None, **keywords):
+        super().__init__(*arguments, fused=True, **keywords)
+
+
+def reads_per_training_batch(data_dir, monkeypatch, **settings) -> Counter:
+    """One demo epoch of 15 batches through the experiment, logging every 5 batches, the bar refreshing every 10."""
+    import experiments.ex_dcase24 as experiment
+
+    recorder, real_fit = DeviceReads(), experiment.fit_recording_interrupts
+
+    def fit(trainer, *arguments, **keywords):
+        trainer.callbacks.insert(0, recorder)  # first, so that a batch's reads start with its own hooks
+        with recorder:
+            real_fit(trainer, *arguments, **keywords)
+
+    monkeypatch.setattr(experiment, "fit_recording_interrupts", fit)
+    monkeypatch.setattr(torch.optim, "AdamW", GpuAdamW)
+    assert experiment.PROGRESS_BAR_REFRESH_STEPS == 10
+    run_demo(data_dir, data_loader__batch_size=2, data_loader__n_workers=1, log_every_n_steps=5, **settings)
+    return recorder.reads
+
+
+def test_the_training_loop_reads_the_device_only_to_log_and_refresh_the_bar(data_dir, monkeypatch):
+    """The whole Lightning loop (step, loss, logging, callbacks, optimiser, schedule) with fixed shapes. Lightning
+    turns values logged with `prog_bar=True` into numbers after every batch: with the loss on the bar that way,
+    every batch read the device once."""
+    fixed_shapes = {"audio_features__embed_all_windows": True, "audio_features__augment_on_device": True,
+                    "sentence_features__padding": "max_length"}
+    reads = reads_per_training_batch(data_dir, monkeypatch, audio_features__aggregate="TAP", **fixed_shapes)
+    assert sorted(reads) == [4, 9, 14]  # logging (batches 5, 10, 15) and the bar (batches 10 and 15, the last)
+    published = reads_per_training_batch(data_dir, monkeypatch, audio_features__aggregate="TAP")
+    assert sorted(published) == list(range(15))  # which windows are real, read back in every step
 
 
 class _Counting(L.LightningModule):
