@@ -104,14 +104,18 @@ def route_mongo_failures(run, folder: Path) -> None:
 
 
 class SacredMetrics(L.Callback):
-    """Per-epoch metrics into the Sacred run (`log_scalar`), under the Lightning log names."""
+    """Per-epoch metrics into the Sacred run (`log_scalar`), under the Lightning log names; `train/loss` is the mean
+    of the epoch's logged batch losses (not of the step outputs, which Lightning divides by the accumulated
+    batches)."""
 
     def __init__(self, run):
         self.run = run
         self._losses: list[torch.Tensor] = []
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_index) -> None:
-        self._losses.append(outputs["loss"].detach())  # stays on the device: no synchronisation per step
+        loss = trainer.callback_metrics.get(TRAIN_LOSS)  # stays on the device: no wait per step
+        if loss is not None:
+            self._losses.append(loss)
 
     def on_train_epoch_end(self, trainer, module) -> None:
         epoch = trainer.current_epoch

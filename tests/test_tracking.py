@@ -1,4 +1,4 @@
-"""Run history through a real MongoDB wire-protocol server (mongod, else nx-27017) and W&B offline."""
+"""Run history through a real MongoDB wire-protocol server (mongod, else nx-27017), W&B offline, and what the\nSacred run records."""
 import json
 import os
 import pickle
@@ -9,10 +9,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import gridfs
+import lightning as L
 import pymongo
 import pytest
+import torch
+
+from experiments.tracking import TRAIN_LOSS, SacredMetrics
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = ["with", "demo", "data_loader.n_workers=0", "data_loader.batch_size=8", "log_every_n_steps=1"]
@@ -164,3 +169,31 @@ def test_fresh_databases_and_concurrent_runs_share_the_file_copy_without_collisi
     assert ids == {port: [1], fresh_port: [1, 2]}  # id 1 twice: the case that used to crash at start
     copies = sorted((data_dir / "sacred_runs").glob("*/run.json"))
     assert len(copies) == 3 and all(json.loads(copy.read_text())["status"] == "COMPLETED" for copy in copies)
+
+
+class _ConstantLoss(L.LightningModule):
+    """Logs and returns a training loss of 3.0 in every batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def training_step(self, batch, batch_index):
+        loss = (self.weight * batch).sum() + 3.0
+        self.log(TRAIN_LOSS, loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD([{"params": self.parameters(), "name": "all"}], lr=0.1)
+
+
+def test_sacred_train_loss_is_the_logged_loss_when_batches_accumulate(tmp_path):
+    # Lightning divides a step's output loss by the accumulated batches: averaging those gave 1.5 here.
+    scalars = []
+    run = SimpleNamespace(log_scalar=lambda name, value, step: scalars.append((name, value, step)))
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, accumulate_grad_batches=2, callbacks=[SacredMetrics(run)],
+                        default_root_dir=tmp_path)
+    trainer.fit(_ConstantLoss(), torch.utils.data.DataLoader(torch.zeros(8, 1), batch_size=2))
+    assert [scalar for scalar in scalars if scalar[0] == TRAIN_LOSS] == [(TRAIN_LOSS, 3.0, 0), (TRAIN_LOSS, 3.0, 1)]
+    assert ("lr-AdamW/all", 0.1, 1) in scalars
