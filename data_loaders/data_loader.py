@@ -71,7 +71,9 @@ class ClipDataset(_CachedClips):
 
 
 def pad_collate(items: list[dict], clip_samples: int) -> dict:
-    """Zero-pads audio to `clip_samples`: audio (batch, clip_samples), audio_length (batch,)."""
+    """Zero-pads audio to `clip_samples`: audio (batch, clip_samples), audio_length (batch,). Evaluation batches
+    also get `caption_clip`, the batch row of each caption's clip, made here so that it reaches the GPU with the
+    batch's pinned copy instead of a copy that waits for the GPU."""
     audio = torch.zeros(len(items), clip_samples)
     for row, item in enumerate(items):
         audio[row, :item["audio"].shape[0]] = item["audio"]
@@ -81,6 +83,8 @@ def pad_collate(items: list[dict], clip_samples: int) -> dict:
     for key in ("caption", "captions"):
         if key in items[0]:
             batch[key] = [item[key] for item in items]
+    if "captions" in batch:
+        batch["caption_clip"] = torch.tensor([row for row, captions in enumerate(batch["captions"]) for _ in captions])
     return batch
 
 

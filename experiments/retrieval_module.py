@@ -111,11 +111,9 @@ class RetrievalModule(L.LightningModule):
         windows, mask = self.model.encode_audio(batch["audio"], batch["audio_length"])
         captions = [caption for captions in batch["captions"] for caption in captions]
         first_row = sum(len(step["clip_index"]) for step in self._evaluation)
-        caption_rows = torch.cat([torch.full((len(captions),), first_row + position) for position, captions
-                                  in enumerate(batch["captions"])])
         self._evaluation.append({"windows": windows.float(), "mask": mask, "clip_index": batch["clip_index"],
                                  "text": self.model.encode_text(captions).float(),
-                                 "caption_row": caption_rows.to(windows.device)})
+                                 "caption_row": batch["caption_clip"] + first_row})
 
     def _evaluation_end(self, prefix: str) -> dict[str, float]:
         """Ranks every caption of the split against every clip of the split (gathered from every rank, each once)."""

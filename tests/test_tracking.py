@@ -1,4 +1,5 @@
-"""Run history through a real MongoDB wire-protocol server (mongod, else nx-27017), W&B offline, and what the\nSacred run records."""
+"""Run history through a real MongoDB wire-protocol server (mongod, else nx-27017), W&B offline, and what
+the Sacred run records."""
 import json
 import os
 import pickle
