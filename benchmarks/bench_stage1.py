@@ -8,8 +8,9 @@
 `step` builds the model with the published code's choices (fp16 AMP with a gradient scaler, explicit attention,
 per-tensor AdamW, hear21passt's host-side augmentation, transformers' own mask) and adds one lever at a time, each
 lever's model built with its settings and the same weights, so each row shows what that lever buys: SDPA
-attention in both encoders, bf16 autocast, fused AdamW, every window embedded, our faster computation of hear21passt's
-front end, augmentation and masks made on the device, torch.compile with fixed caption shapes, CUDA graphs. Batches
+attention in both encoders, bf16 autocast, fused AdamW, the real windows counted on the host, every window
+embedded, our faster computation of hear21passt's front end, augmentation and masks made on the device,
+torch.compile with fixed caption shapes, CUDA graphs. Batches
 are random (audio with Clotho's 15-30 s lengths, generated on the device; captions from the demo vocabulary,
 tokenised on the host as in training), weights random: the architectures, not the weights, set the cost. Model
 FLOPs are counted with torch's FlopCounterMode on the timed batches; MFU divides them by the time and the GPU's dense
@@ -64,14 +65,15 @@ CONFIGS = {
     "baseline": dict(audio="passt", window_seconds=10, text=ROBERTA_LARGE, shared=1024, batch_size=16,
                      crop_seconds=None),
 }
-PUBLISHED = dict(precision="fp16", attention=False, fused_adamw=False, all_windows=False, fast_front_end=False,
-                 on_device=False, padding="longest", compile=None)
+PUBLISHED = dict(precision="fp16", attention=False, fused_adamw=False, count_on_host=False, all_windows=False,
+                 fast_front_end=False, on_device=False, padding="longest", compile=None)
 # Cumulative: each lever keeps the ones before it.
 LEVER_CHANGES = {
     "published": ({}, "fp16 AMP + GradScaler, explicit attention, for-each AdamW"),
     "sdpa": (dict(attention=True), "+ SDPA attention in PaSST and RoBERTa"),
     "bf16": (dict(precision="bf16"), "+ bf16 autocast, no GradScaler"),
     "fused_adamw": (dict(fused_adamw=True), "+ fused AdamW"),
+    "host_count": (dict(count_on_host=True), "+ real windows counted from the lengths on the host (no read-back)"),
     "all_windows": (dict(all_windows=True), "+ padding windows embedded too (fixed shapes)"),
     "mel_front_end": (dict(fast_front_end=True), "+ hear21passt's front end computed faster (MelSTFT, the default)"),
     "on_device": (dict(on_device=True), "+ mel bands, patchout indices and attention masks made on the device"),
@@ -108,7 +110,8 @@ def random_batch(batch_size: int, crop_seconds: float | None, vocabulary: list[s
     audio = torch.randn(batch_size, clip_samples, device=device) * 0.1
     audio *= torch.arange(clip_samples, device=device).unsqueeze(0) < lengths.to(device).unsqueeze(1)
     picks = torch.randint(len(vocabulary), (batch_size,), generator=generator)
-    return {"audio": audio, "audio_length": lengths.to(device), "caption": [vocabulary[i] for i in picks],
+    return {"audio": audio, "audio_length": lengths.to(device), "host_length": lengths,
+            "caption": [vocabulary[i] for i in picks],
             "clip_index": torch.arange(batch_size, device=device)}
 
 
@@ -148,9 +151,12 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def training_step(model: RetrievalModel, optimizer, scaler, batch: dict, device: str, precision: str) -> None:
-    with autocast(device, precision):
-        windows, mask = model.encode_audio(batch["audio"], batch["audio_length"])
+def training_step(model: RetrievalModel, optimizer, scaler, batch: dict, device: str, lever: dict) -> None:
+    """As the Lightning module's step, which counts the real windows before the batch moves to the device."""
+    real_windows = (model.audio_encoder.real_window_count(batch["audio"].shape[1], batch["host_length"])
+                    if lever["count_on_host"] else None)
+    with autocast(device, lever["precision"]):
+        windows, mask = model.encode_audio(batch["audio"], batch["audio_length"], real_windows)
         scores = model.score(model.encode_text(batch["caption"]), windows, mask)
     loss = multi_positive_contrastive_loss(scores.float(), batch["clip_index"])
     optimizer.zero_grad(set_to_none=True)
@@ -182,16 +188,16 @@ def time_training(model: RetrievalModel, lever: dict, warmup: list[dict], timed:
     scaler = torch.amp.GradScaler(device) if lever["precision"] == "fp16" and device == "cuda" else None
     model.train()
     for batch in warmup:
-        training_step(model, optimizer, scaler, batch, device, lever["precision"])
+        training_step(model, optimizer, scaler, batch, device, lever)
     synchronize(device)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     for batch in timed:
-        training_step(model, optimizer, scaler, batch, device, lever["precision"])
+        training_step(model, optimizer, scaler, batch, device, lever)
     synchronize(device)
     seconds = time.perf_counter() - start
-    waits = host_waits(lambda: training_step(model, optimizer, scaler, timed[0], device, lever["precision"]), device)
+    waits = host_waits(lambda: training_step(model, optimizer, scaler, timed[0], device, lever), device)
     del optimizer
     return {"seconds": seconds, "samples_per_second": sum(len(b["caption"]) for b in timed) / seconds,
             "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
@@ -245,12 +251,12 @@ def profile_training(model: RetrievalModel, lever: dict, batches: list[dict], de
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-5,
                                   fused=lever["fused_adamw"] and device == "cuda")
-    training_step(model, optimizer, None, batches[0], device, lever["precision"])
+    training_step(model, optimizer, None, batches[0], device, lever)
     synchronize(device)
     start = time.perf_counter()
     with profile(activities=activities) as profiler:
         for batch in batches[1:]:
-            training_step(model, optimizer, None, batch, device, lever["precision"])
+            training_step(model, optimizer, None, batch, device, lever)
         synchronize(device)
     wall = time.perf_counter() - start
     averages = profiler.key_averages()

@@ -2,7 +2,7 @@
 # Every GPU figure of benchmarks/RESULTS.md in one go (about 15 minutes on an H100/H200), results as JSON lines in
 # the folder given (default: benchmarks/gpu_results). The parts run in the order of what is still missing, each
 # with its own time limit, so a short device lease still gets the first ones and a slow part cannot take the
-# others' figures with it. `all_windows` (measured before) is rerun first as the reference on the same machine.
+# others' figures with it. `all_windows` (measured before) is rerun as the reference on the same machine.
 set -u
 out=${1:-benchmarks/gpu_results}
 mkdir -p "$out"
@@ -14,7 +14,8 @@ fit=("$python" -m benchmarks.bench_stage1 --json "$out/fit.jsonl" fit --config b
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/machine.txt"
 $python -c "import torch, transformers, lightning; print('torch', torch.__version__, 'transformers', \
 transformers.__version__, 'lightning', lightning.__version__, 'cpus', __import__('os').cpu_count())" | tee -a "$out/machine.txt"
-timeout 240 "${step[@]}" --levers all_windows mel_front_end on_device cuda_graphs --evaluate-after cuda_graphs --eval-batches 64
+timeout 270 "${step[@]}" --levers host_count all_windows mel_front_end on_device cuda_graphs --evaluate-after cuda_graphs \
+    --eval-batches 64
 timeout 240 "${fit[@]}" fast_gpu audio_features.augment_on_device=True sentence_features.padding=max_length compile=True \
     compile_mode=reduce-overhead
 timeout 200 "${fit[@]}" fast_gpu

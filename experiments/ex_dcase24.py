@@ -68,8 +68,9 @@ def default_config():
         "hop_length": 10,  # seconds between window starts; None: segment_length
         "aggregate": "mean",  # mean | TAP (each caption queries each clip) | TAP_own_caption (published protocol)
         "attention": "sdpa",  # sdpa: fused attention kernels | explicit: hear21passt's softmax(QK^T)V (same function)
-        "embed_all_windows": False,  # True: padding windows go through PaSST too (masked afterwards): fixed shapes,
-        # no host synchronisation per step, ~17% more audio FLOPs; faster on GPUs (benchmarks/RESULTS.md)
+        "embed_all_windows": False,  # True: padding windows go through PaSST too (masked afterwards): fixed shapes
+        # (what CUDA graphs need), ~17% more audio FLOPs; was faster on an H200 before the real windows were counted
+        # on the host (benchmarks/RESULTS.md)
         "augment_on_device": False,  # True: mel band edges, filter bank and patchout indices made on the GPU (the
         # same function; hear21passt makes them on the CPU and its copies wait for the GPU every step)
         "model_config": {

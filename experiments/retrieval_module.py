@@ -85,8 +85,14 @@ class RetrievalModule(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def on_before_batch_transfer(self, batch: dict, dataloader_index: int) -> dict:
+        # Counted while the lengths are on the host: the encoder then picks the real windows without a read-back.
+        batch["real_windows"] = self.model.audio_encoder.real_window_count(batch["audio"].shape[1],
+                                                                            batch["audio_length"])
+        return batch
+
     def training_step(self, batch: dict, batch_index: int) -> torch.Tensor:
-        windows, mask = self.model.encode_audio(batch["audio"], batch["audio_length"])
+        windows, mask = self.model.encode_audio(batch["audio"], batch["audio_length"], batch["real_windows"])
         text = self.model.encode_text(batch["caption"])
         distributed = self.trainer.world_size > 1
         if distributed:  # negatives from every rank; the mean of the logged values over ranks is the global loss
@@ -108,7 +114,7 @@ class RetrievalModule(L.LightningModule):
         return loss
 
     def _evaluation_step(self, batch: dict) -> None:
-        windows, mask = self.model.encode_audio(batch["audio"], batch["audio_length"])
+        windows, mask = self.model.encode_audio(batch["audio"], batch["audio_length"], batch["real_windows"])
         captions = [caption for captions in batch["captions"] for caption in captions]
         first_row = sum(len(step["clip_index"]) for step in self._evaluation)
         self._evaluation.append({"windows": windows.float(), "mask": mask, "clip_index": batch["clip_index"],

@@ -31,9 +31,11 @@ class RetrievalModel(nn.Module):
         self.pooling = pooling
         self.tau = nn.Parameter(torch.tensor(float(initial_tau)), requires_grad=not freeze_tau)
 
-    def encode_audio(self, audio: torch.Tensor, audio_length: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(batch, samples) -> projected windows (batch, windows, shared) and their mask (batch, windows)."""
-        windows, mask = self.audio_encoder(audio, audio_length)
+    def encode_audio(self, audio: torch.Tensor, audio_length: torch.Tensor,
+                     real_windows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(batch, samples) -> projected windows (batch, windows, shared) and their mask (batch, windows).
+        `real_windows`: the audio encoder's `real_window_count` of the batch, where known."""
+        windows, mask = self.audio_encoder(audio, audio_length, real_windows)
         return self.audio_projection(windows), mask
 
     def encode_text(self, captions: list[str]) -> torch.Tensor:

@@ -163,6 +163,30 @@ def test_embedding_all_windows_changes_nothing_at_the_real_ones(small_encoder):
     torch.testing.assert_close(masked_mean(everything, mask), masked_mean(selected, mask), atol=1e-5, rtol=1e-4)
 
 
+def test_real_windows_counted_on_the_host_pick_the_same_windows_with_the_same_gradients():
+    """Training mode (patchout and band edges drawn in the same order): the same embeddings and gradients to the bit
+    as selecting the windows by the mask, which makes a GPU tell the host how many there are."""
+    settings = dict(window_seconds=2, hop_seconds=1, pretrained=False, s_patchout_t=2, s_patchout_f=1)
+    torch.manual_seed(0)
+    encoder = PasstEncoder("passt_small", **settings).train()
+    audio, lengths = torch.randn(3, 6 * 32000) * 0.1, torch.tensor([6 * 32000, 2 * 32000 + 5, 0])
+    count = encoder.real_window_count(audio.shape[1], lengths)
+    assert count == 5 + 3 + 1  # a window starts every second inside the audio; an empty clip keeps its first
+    results = []
+    for real_windows in (None, count):
+        torch.manual_seed(1)
+        sequence, mask = encoder(audio, lengths, real_windows)
+        (sequence * torch.linspace(-1, 1, sequence.numel()).view_as(sequence)).sum().backward()
+        results.append((sequence.detach(), mask, {name: p.grad.clone() for name, p in encoder.named_parameters()}))
+        encoder.zero_grad(set_to_none=True)
+    (by_mask, mask, mask_gradients), (by_count, same_mask, count_gradients) = results
+    assert torch.equal(by_count, by_mask) and torch.equal(same_mask, mask) and int(mask.sum()) == count
+    assert by_count[~mask].abs().sum() == 0
+    assert all(torch.equal(count_gradients[name], mask_gradients[name]) for name in mask_gradients)
+    with pytest.raises(RuntimeError, match="real_windows=8 differs from the mask's count"):
+        encoder(audio, lengths, 8)
+
+
 @pytest.mark.parametrize("low_hz, high_hz", [(0.0, 15000.0), (9.0, 16000.0), (4.0, 14001.0)])
 def test_mel_filter_bank_is_kaldis_with_hear21passts_nyquist_column(low_hz, high_hz):
     kaldi, _ = torchaudio.compliance.kaldi.get_mel_banks(128, 1024, 32000, low_hz, high_hz, vtln_low=100.0,

@@ -50,7 +50,7 @@ class FeatureEncoder(torch.nn.Linear):
     def __init__(self):
         super().__init__(6, 6)
 
-    def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None):
+    def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None, real_windows: int | None = None):
         return super().forward(features) if mask is None else (super().forward(features), mask)
 
 

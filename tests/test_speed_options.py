@@ -9,6 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from experiments.ex_dcase24 import ex
+from experiments.retrieval_module import RetrievalModule
 from experiments.tracking import Throughput
 from models.losses import multi_positive_contrastive_loss
 from tests.test_experiment import run_demo
@@ -65,8 +66,8 @@ FIXED_SHAPES = {"audio_features": {"augment_on_device": True, "embed_all_windows
                 "sentence_features": {"padding": "max_length"}}
 
 
-def training_step(model, audio, lengths, captions):
-    windows, mask = model.encode_audio(audio, lengths)
+def training_step(model, audio, lengths, captions, real_windows=None):
+    windows, mask = model.encode_audio(audio, lengths, real_windows)
     scores = model.score(model.encode_text(captions), windows, mask)
     multi_positive_contrastive_loss(scores, torch.arange(len(captions), device=scores.device)).backward()
 
@@ -86,7 +87,7 @@ class HostTensors(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("aggregate", ["mean", "TAP"])
-def test_a_training_step_with_fixed_shapes_does_no_host_work_but_tokenising(data_dir, aggregate):
+def test_a_training_step_does_no_host_work_but_tokenising_with_fixed_shapes_or_counted_windows(data_dir, aggregate):
     """On the `meta` device tensors have shapes but no values: reading one back (`.item()`, `.all()` in an `if`)
     raises, and anything made on the host shows up as a CPU tensor. On a GPU both would make the host wait."""
     fast = demo_model(data_dir, **{**FIXED_SHAPES, "audio_features": {**FIXED_SHAPES["audio_features"],
@@ -96,21 +97,26 @@ def test_a_training_step_with_fixed_shapes_does_no_host_work_but_tokenising(data
     with HostTensors() as host:
         training_step(fast, audio, lengths, captions)
     assert host.operations == ["aten.lift_fresh.default"] * 2  # the tokenizer's ids and mask, copied over once
+    varying = demo_model(data_dir, audio_features={"aggregate": aggregate, "augment_on_device": True}).train()
+    real_windows = varying.audio_encoder.real_window_count(audio.shape[1], torch.tensor([30, 12, 4]) * 32000)
+    with HostTensors() as host:  # real windows counted on the host: shapes vary, nothing is read back
+        training_step(varying.to("meta"), audio, lengths, captions, real_windows)
+    assert real_windows == 6 + 3 + 1 and host.operations == ["aten.lift_fresh.default"] * 2
     published = demo_model(data_dir, audio_features={"aggregate": aggregate}).train().to("meta")
-    # It reads values back: which windows are real (to select them), transformers' mask check.
+    # It reads back how many windows are real, to select them.
     with pytest.raises(RuntimeError, match=r"item\(\) cannot be called on meta tensors|for torch.nonzero\(\)"):
         training_step(published, audio, lengths, captions)
 
 
 def test_an_evaluation_step_does_no_host_work_but_tokenising(data_dir):
     from data_loaders.data_loader import pad_collate
-    from experiments.retrieval_module import RetrievalModule
 
     items = [{"audio": torch.zeros(12 * 32000), "captions": ["a dog barks", "a dog"], "clip_index": 3},
              {"audio": torch.zeros(30 * 32000), "captions": ["rain", "rain falls", "thunder"], "clip_index": 4}]
     batch = pad_collate(items, 30 * 32000)
     assert batch["caption_clip"].tolist() == [0, 0, 1, 1, 1]  # made by the loader, copied with the batch
     module = RetrievalModule(demo_model(data_dir, **FIXED_SHAPES).eval().to("meta"), optimisation=None)
+    batch = module.on_before_batch_transfer(batch, 0)  # Lightning's hook, before the batch moves to the device
     on_meta = {key: value.to("meta") if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
     with torch.no_grad(), HostTensors() as host:
         module.validation_step(on_meta, 0)
@@ -163,10 +169,11 @@ class DeviceReads(TorchDispatchMode, L.Callback):
     def __init__(self):
         TorchDispatchMode.__init__(self)
         self.batch: int | None = None
+        self.on_host = False  # set while the batch is still on the host, before it moves to the device
         self.reads = Counter()
 
     def __torch_dispatch__(self, function, types, args=(), kwargs=None):
-        if function in READ_BACKS and self.batch is not None:
+        if function in READ_BACKS and self.batch is not None and not self.on_host:
             self.reads[self.batch] += 1
         return function(*args, **(kwargs or {}))
 
@@ -189,29 +196,39 @@ def reads_per_training_batch(data_dir, monkeypatch, **settings) -> Counter:
     import experiments.ex_dcase24 as experiment
 
     recorder, real_fit = DeviceReads(), experiment.fit_recording_interrupts
+    before_transfer = RetrievalModule.on_before_batch_transfer
 
     def fit(trainer, *arguments, **keywords):
         trainer.callbacks.insert(0, recorder)  # first, so that a batch's reads start with its own hooks
         with recorder:
             real_fit(trainer, *arguments, **keywords)
 
+    def on_host(module, batch, dataloader_index):
+        recorder.on_host = True
+        try:
+            return before_transfer(module, batch, dataloader_index)
+        finally:
+            recorder.on_host = False
+
     monkeypatch.setattr(experiment, "fit_recording_interrupts", fit)
+    monkeypatch.setattr(RetrievalModule, "on_before_batch_transfer", on_host)
     monkeypatch.setattr(torch.optim, "AdamW", GpuAdamW)
     assert experiment.PROGRESS_BAR_REFRESH_STEPS == 10
     run_demo(data_dir, data_loader__batch_size=2, data_loader__n_workers=1, log_every_n_steps=5, **settings)
     return recorder.reads
 
 
-def test_the_training_loop_reads_the_device_only_to_log_and_refresh_the_bar(data_dir, monkeypatch):
-    """The whole Lightning loop (step, loss, logging, callbacks, optimiser, schedule) with fixed shapes. Lightning
-    turns values logged with `prog_bar=True` into numbers after every batch: with the loss on the bar that way,
-    every batch read the device once."""
-    fixed_shapes = {"audio_features__embed_all_windows": True, "audio_features__augment_on_device": True,
-                    "sentence_features__padding": "max_length"}
-    reads = reads_per_training_batch(data_dir, monkeypatch, audio_features__aggregate="TAP", **fixed_shapes)
+@pytest.mark.parametrize("settings", [{}, {"audio_features__embed_all_windows": True,
+                                           "sentence_features__padding": "max_length"}],
+                         ids=["varying_shapes", "fixed_shapes"])
+def test_the_training_loop_reads_the_device_only_to_log_and_refresh_the_bar(data_dir, monkeypatch, settings):
+    """The whole Lightning loop (step, loss, logging, callbacks, optimiser, schedule), augmentation on the device
+    (hear21passt's host-side draws are read-backs only on a CPU). Lightning turns values logged with `prog_bar=True`
+    into numbers after every batch: with the loss on the bar that way, every batch read the device once; and
+    without the real windows counted on the host, every batch read how many of its windows were real."""
+    reads = reads_per_training_batch(data_dir, monkeypatch, audio_features__aggregate="TAP",
+                                     audio_features__augment_on_device=True, **settings)
     assert sorted(reads) == [4, 9, 14]  # logging (batches 5, 10, 15) and the bar (batches 10 and 15, the last)
-    published = reads_per_training_batch(data_dir, monkeypatch, audio_features__aggregate="TAP")
-    assert sorted(published) == list(range(15))  # which windows are real, read back in every step
 
 
 class _Counting(L.LightningModule):

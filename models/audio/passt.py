@@ -16,7 +16,7 @@ from hear21passt.models import passt as hear21passt_models
 from torch import nn
 
 from models.audio.mel import DeviceMelSTFT, MelSTFT
-from models.audio.windowing import split_into_windows
+from models.audio.windowing import real_window_rows, split_into_windows, window_mask
 
 # hear21passt warns when a window is shorter than the AudioSet positional grid (expected here); the message
 # says nothing actionable to our users.
@@ -217,12 +217,20 @@ class PasstEncoder(nn.Module):
         class_token, distillation_token = self._token_features(spectrogram)
         return 0.5 * (class_token + distillation_token)
 
-    def forward(self, audio: torch.Tensor, audio_length: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def real_window_count(self, samples: int, audio_length: torch.Tensor) -> int:
+        """How many windows of clips padded to `samples` hold real audio, from the lengths while they are still on
+        the host (before the batch moves to the GPU)."""
+        return int(window_mask(audio_length.cpu(), samples, self.window_samples, self.hop_samples).sum())
+
+    def forward(self, audio: torch.Tensor, audio_length: torch.Tensor,
+                real_windows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`real_windows` (`real_window_count` of the batch) lets the real windows be picked without waiting for
+        the GPU to say how many there are; the same windows, the same result."""
         windows, mask = split_into_windows(audio, audio_length, self.window_samples, self.hop_samples)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
             if self.embed_padding_windows:  # fixed shapes: no host synchronisation
                 return self.embed_windows(windows.flatten(0, 1)).unflatten(0, mask.shape), mask
-            embedded = self.embed_windows(windows[mask])  # selecting the real windows waits for the mask
-        sequence = embedded.new_zeros(*mask.shape, embedded.shape[-1])
-        sequence[mask] = embedded
-        return sequence, mask
+            rows = mask.flatten().nonzero().squeeze(1) if real_windows is None else real_window_rows(mask, real_windows)
+            embedded = self.embed_windows(windows[rows // mask.shape[1], rows % mask.shape[1]])
+        sequence = embedded.new_zeros(mask.numel(), embedded.shape[-1]).index_copy(0, rows, embedded)
+        return sequence.unflatten(0, mask.shape), mask

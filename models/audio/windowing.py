@@ -28,12 +28,23 @@ def split_into_windows(audio: torch.Tensor, audio_length: torch.Tensor, window_s
     Returns windows (batch, windows, window_samples) and mask (batch, windows), True where the
     window starts inside the real audio. A clip shorter than one window still gets its first window.
     """
-    batch, samples = audio.shape
-    count = window_count(samples, window_samples, hop_samples)
-    needed = (count - 1) * hop_samples + window_samples
+    samples = audio.shape[1]
+    needed = (window_count(samples, window_samples, hop_samples) - 1) * hop_samples + window_samples
     if needed > samples:
         audio = torch.nn.functional.pad(audio, (0, needed - samples))
-    windows = audio.unfold(1, window_samples, hop_samples)
-    starts = torch.arange(count, device=audio.device) * hop_samples
-    mask = starts.unsqueeze(0) < audio_length.clamp(min=1).unsqueeze(1)
-    return windows, mask
+    return audio.unfold(1, window_samples, hop_samples), window_mask(audio_length, samples, window_samples,
+                                                                      hop_samples)
+
+
+def window_mask(audio_length: torch.Tensor, samples: int, window_samples: int, hop_samples: int) -> torch.Tensor:
+    """(batch, windows): True where a window of clips padded to `samples` starts inside the real audio."""
+    starts = torch.arange(window_count(samples, window_samples, hop_samples), device=audio_length.device)
+    return starts.unsqueeze(0) * hop_samples < audio_length.clamp(min=1).unsqueeze(1)
+
+
+def real_window_rows(mask: torch.Tensor, real_windows: int) -> torch.Tensor:
+    """The flat row numbers of the mask's True entries, in order, for a count known on the host: unlike
+    `mask.nonzero()`, whose size the host must read back from the GPU, this sizes nothing by the mask's values."""
+    flat = mask.flatten()
+    torch._assert_async(flat.sum() == real_windows, f"real_windows={real_windows} differs from the mask's count")
+    return (~flat).to(torch.uint8).argsort(stable=True)[:real_windows]
