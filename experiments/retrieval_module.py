@@ -34,6 +34,15 @@ class OptimisationSettings:
     rampdown_type: str
 
 
+def adamw_implementation(on_gpu: bool, clips_gradients: bool) -> dict[str, bool]:
+    """Fused AdamW on GPUs: one kernel for all parameters instead of a loop of per-tensor ones, the same update. Not
+    where gradients are clipped: Lightning refuses to clip for an optimiser that unscales inside its step, as fused
+    ones do (under mixed precision it raises at the first step), so there the multi-tensor one. On CPUs, torch's."""
+    if not on_gpu:
+        return {}
+    return {"foreach": True} if clips_gradients else {"fused": True}
+
+
 class RetrievalModule(L.LightningModule):
     """`teachers` (stage 2): stage-1 models whose estimated correspondences the training loss also fits, weighted
     `distill_weight` against `loss_weight` for the contrastive loss (salsa's keys). `multi_match`: additional
@@ -74,9 +83,9 @@ class RetrievalModule(L.LightningModule):
     def configure_optimizers(self):
         settings = self.optimisation
         groups = self.parameter_groups()
-        # Fused AdamW on GPUs: one kernel for all parameters instead of a loop of per-tensor ones, same update.
-        fused = all(parameter.is_cuda for group in groups for parameter in group["params"])
-        optimizer = torch.optim.AdamW(groups, weight_decay=settings.weight_decay, fused=fused)
+        on_gpu = all(parameter.is_cuda for group in groups for parameter in group["params"])
+        optimizer = torch.optim.AdamW(groups, weight_decay=settings.weight_decay,
+                                      **adamw_implementation(on_gpu, bool(self.trainer.gradient_clip_val)))
         steps_per_epoch = max(1.0, self.trainer.estimated_stepping_batches / self.trainer.max_epochs)
         factors = [partial(learning_rate_factor, steps_per_epoch=steps_per_epoch, peak_lr=group["lr"],
                            min_lr=min(settings.min_lr, group["lr"]), warmup_length=settings.warmup_length,

@@ -1,4 +1,5 @@
 """The speed levers of the stage-1 model (benchmarks/RESULTS.md): each computes what the published code computes."""
+import contextlib
 import copy
 from collections import Counter
 
@@ -229,6 +230,38 @@ def test_the_training_loop_reads_the_device_only_to_log_and_refresh_the_bar(data
     reads = reads_per_training_batch(data_dir, monkeypatch, audio_features__aggregate="TAP",
                                      audio_features__augment_on_device=True, **settings)
     assert sorted(reads) == [4, 9, 14]  # logging (batches 5, 10, 15) and the bar (batches 10 and 15, the last)
+
+
+@pytest.mark.parametrize("fused, reads", [(False, 3), (True, 0)])
+def test_fp16_loss_scaling_reads_back_only_with_a_per_tensor_adamw(fused, reads):
+    """The published precision (16-mixed) keeps a gradient scaler. Its overflow check reads the device in every step
+    before a per-tensor AdamW; a fused AdamW takes the scale and the overflow flag into its kernel instead."""
+    weights = [torch.nn.Parameter(torch.ones(3)) for _ in range(2)]
+    optimizer, scaler, recorder = torch.optim.AdamW(weights, fused=fused), torch.amp.GradScaler("cpu"), DeviceReads()
+    recorder.batch = 0
+    for step in range(2):  # the first sets the optimiser's state up
+        with recorder if step else contextlib.nullcontext():
+            scaler.scale(sum((weight * weight).sum() for weight in weights)).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad()
+    assert recorder.reads[0] == reads
+
+
+def test_a_gpu_run_gets_the_adamw_lightning_can_clip_with(data_dir, monkeypatch):
+    """The module is told it runs on a GPU. Lightning raises at the first step when it must clip the gradients of a
+    fused optimiser under mixed precision: so did `make train` (lean_single_gpu: bf16, clipping at 1.0) on a GPU."""
+    import experiments.retrieval_module as retrieval_module
+
+    real, chosen = retrieval_module.adamw_implementation, []
+    monkeypatch.setattr(retrieval_module, "adamw_implementation",
+                        lambda on_gpu, clips: chosen.append(real(True, clips)) or chosen[-1])
+    for gradient_clip_val in (None, 1.0):
+        run_demo(data_dir, precision="bf16-mixed", gradient_clip_val=gradient_clip_val, data_loader__batch_size=8)
+    assert chosen == [{"fused": True}, {"foreach": True}]
+    monkeypatch.setattr(retrieval_module, "adamw_implementation", lambda on_gpu, clips: {"fused": True})
+    with pytest.raises(RuntimeError, match="does not allow for gradient clipping"):
+        run_demo(data_dir, precision="bf16-mixed", gradient_clip_val=1.0, data_loader__batch_size=8)
 
 
 class _Counting(L.LightningModule):
