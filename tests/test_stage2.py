@@ -16,6 +16,7 @@ from data_loaders.stored_embeddings import embedding_files
 from experiments.ex_dcase24 import ex
 from models.losses import distillation_loss
 from tests.test_experiment import run_demo
+from tests.test_speed_options import HostTensors
 from utils.checkpoints import resolve_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -133,6 +134,9 @@ def test_teacher_scores_are_the_stage1_models_own_scores_with_tap(data_dir):
         windows, mask = model.encode_audio(padded, lengths)
         direct = model.pooling.score(model.encode_text(captions), windows, mask)
     torch.testing.assert_close(teacher.similarities(captions, clip_index), direct, atol=1e-5, rtol=1e-4)
+    with HostTensors() as host:  # on `meta` (shapes, no values), a read-back would raise
+        teacher.similarities(captions, clip_index.to("meta"))
+    assert host.operations == ["aten.lift_fresh.default"]  # the caption rows, copied over; the clips' are on the device
 
 
 @pytest.mark.parametrize("damage, message", [

@@ -11,6 +11,8 @@ import torch
 from torch import nn
 from transformers import AutoModel, AutoTokenizer
 
+from utils.devices import to_device
+
 KNOWN_TEXT_MODELS = ("roberta-base", "roberta-large", "bert-base-uncased", "bert-large-uncased")
 PUNCTUATION_MODES = ("delete", "space")
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")  # transformers' names: fused SDPA kernels | explicit softmax
@@ -138,10 +140,7 @@ class TextEncoder(nn.Module):
     def forward(self, captions: list[str]) -> torch.Tensor:
         """captions: list of length batch -> (batch, hidden_size)."""
         device = next(self.model.parameters()).device
-        tokens = self.tokenize(captions)
-        if device.type == "cuda":  # a copy from pinned memory does not wait for the work queued before it
-            tokens = {key: value.pin_memory() for key, value in tokens.items()}
-        tokens = {key: value.to(device, non_blocking=True) for key, value in tokens.items()}
+        tokens = {key: to_device(value, device) for key, value in self.tokenize(captions).items()}
         tokens["attention_mask"] = expanded_attention_mask(tokens["attention_mask"], self.attention, self.model.dtype)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
             hidden = self.model(**tokens).last_hidden_state
