@@ -129,8 +129,10 @@ def _write_cache(cache_path: Path, audio_folder: Path, file_names: list[str], to
     partial = cache_path.with_name(cache_path.name + ".partial")
     partial.unlink(missing_ok=True)
     reusable = set(file_names) - set(to_decode)
+    # Its own generator: a DataLoader draws its workers' seed from the one it is given, by default torch's global
+    # one, which would make a run that builds the cache train on other random numbers than the same run on it.
     jobs = torch.utils.data.DataLoader(_DecodeJobs(audio_folder, to_decode, sample_rate), batch_size=None,
-                                       num_workers=num_workers)
+                                       num_workers=num_workers, generator=torch.Generator())
     with h5py.File(partial, "w") as cache:
         cache.attrs["sample_rate"] = sample_rate
         if reusable:
