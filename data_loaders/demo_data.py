@@ -230,10 +230,12 @@ def _write_split(folder: Path, split: str, clips: int, rng: np.random.Generator,
 
 def write_text_model(folder: Path, captions: list[str], hidden_size: int = 128, layers: int = 2,
                      attention_heads: int = 4, intermediate_size: int | None = None,
-                     vocab_size: int | None = None) -> Path:
-    """A BPE tokenizer trained on the captions and a random-init RoBERTa, saved as a transformers model.
+                     vocab_size: int | None = None, seed: int = 0) -> Path:
+    """A BPE tokenizer trained on the captions and a RoBERTa initialised from `seed`, saved as a transformers model.
 
-    The defaults make the demo's tiny model; benchmarks pass RoBERTa-large's sizes (its vocabulary included)."""
+    The defaults make the demo's tiny model; benchmarks pass RoBERTa-large's sizes (its vocabulary included). The
+    caller's random numbers are left as they were."""
+    import torch
     from tokenizers import ByteLevelBPETokenizer
     from tokenizers.processors import RobertaProcessing
     from transformers import RobertaConfig, RobertaModel, RobertaTokenizerFast
@@ -255,7 +257,10 @@ def write_text_model(folder: Path, captions: list[str], hidden_size: int = 128, 
                            max_position_embeddings=66,
                            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                            eos_token_id=tokenizer.eos_token_id)
-    RobertaModel(config, add_pooling_layer=False).save_pretrained(target)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = RobertaModel(config, add_pooling_layer=False)
+    model.save_pretrained(target)
     return target
 
 
@@ -274,7 +279,7 @@ def generate_demo_dataset(folder: Path, splits: dict[str, int] | None = None, se
         captions = []
         for split, clips in (splits or DEMO_SPLITS).items():
             captions += _write_split(staging, split, clips, rng, layout)
-        write_text_model(staging, captions)
+        write_text_model(staging, captions, seed=seed)
         os.replace(staging, folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
