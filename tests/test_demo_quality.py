@@ -3,10 +3,10 @@
 The slowest test (about 2 minutes on 2 cores): it is the one check that the whole pipeline, from
 synthetic audio to attention pooling, really learns rather than merely runs. A pipeline that does not
 learn stays at chance (0.029). It trains 6 of the demo's 14 epochs (the schedule ramped down by epoch 6):
-this run's last epoch tested 0.157 on CPU-2 (5.3x chance), and 14-epoch runs of the published TAP keys gave
-0.255, 0.249, 0.314 for seeds 409194, 1, 2 (8.5x-10.7x chance; benchmarks/RESULTS.md). Before the TAP
-output-projection fix an ordered-events set stayed at chance. 3x leaves room for the last-bit differences
-between CPUs.
+this run's last epoch tests 0.152 on CPU-2 (5.2x chance; data, text model and run are seeded, so it repeats on
+the same software), and 14-epoch runs of the published TAP keys gave 0.255, 0.249, 0.314 for seeds 409194, 1, 2
+(8.5x-10.7x chance; benchmarks/RESULTS.md). Before the TAP output-projection fix an ordered-events set stayed at
+chance. 3x leaves room for the last-bit differences between CPUs.
 """
 import ast
 import os
