@@ -122,7 +122,7 @@ def test_an_evaluation_step_does_no_host_work_but_tokenising(data_dir):
     with torch.no_grad(), HostTensors() as host:
         module.validation_step(on_meta, 0)
         module.validation_step(on_meta, 1)
-    # each step's token ids and mask; the caption rows were built on the host here and copied over
+    # each step's token ids and mask only (the caption rows used to be built on the host and copied over)
     assert host.operations == ["aten.lift_fresh.default"] * 4
 
 
