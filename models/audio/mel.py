@@ -2,7 +2,7 @@
 
 `MelSTFT` is hear21passt's `AugmentMelSTFT` (same settings, buffers, random draws and filter bank) with its two slow
 steps on a CPU replaced by equal ones: the pre-emphasis (`preemphasis`) and the power spectrum of the complex STFT
-instead of its deprecated real view (138 -> 74 ms for 32 windows of 5 s on 2 CPU cores).
+instead of its deprecated real view (2.1-2.3x faster on 2 CPU cores: benchmarks/RESULTS.md).
 
 hear21passt draws the random band edges of each batch with `.item()` and builds the mel filter bank on the CPU in
 every forward pass, evaluation included, then copies it to the GPU: a copy from pageable memory waits for all work
@@ -41,7 +41,7 @@ def mel_filter_bank(mel_bins: int, fft_size: int, sample_rate: int, low_hz: torc
 
 def preemphasis(audio: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     """hear21passt's pre-emphasis y[t] = x[t + 1] - 0.97 x[t]: its two-tap conv1d (`kernel` (1, 1, 2)) is slow on
-    CPUs (133 ms for 32 windows of 5 s on 2 cores) and equals this difference of shifted views (7-15 ms). Under
+    CPUs (about 100 ms for 32 windows of 5 s on 2 cores) and equals this difference of shifted views (4-15 ms). Under
     autocast the conv1d runs in half precision, which only the conv1d itself reproduces."""
     device_type = audio.device.type
     if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
