@@ -108,10 +108,11 @@ def test_published_tap_phi4_command_trains_on_ten_captions(data_dir):
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message on a machine without a GPU")
-def test_make_train_recipe_says_the_gpu_is_missing(data_dir):
-    with pytest.raises(RuntimeError, match="no CUDA GPU is visible .*require_gpu=False"):
-        ex.run(named_configs=["demo", "lean_single_gpu"], options={"--loglevel": "ERROR"},
-               config_updates={"directories": {"data_dir": str(data_dir)}, "min_lr": 1e-7})
+def test_the_gpu_recipes_say_the_gpu_is_missing(data_dir):
+    for recipe in ("lean_single_gpu", "fast_gpu"):  # `make train`'s, and the CUDA graphs'
+        with pytest.raises(RuntimeError, match="no CUDA GPU is visible .*require_gpu=False"):
+            ex.run(named_configs=["demo", recipe], options={"--loglevel": "ERROR"},
+                   config_updates={"directories": {"data_dir": str(data_dir)}, "min_lr": 1e-7})
     run = ex.run("print_config", named_configs=["lean_single_gpu"], options={"--loglevel": "ERROR"})
     config = run.config
     assert (config["data_loader"]["batch_size"] * config["accumulate_grad_batches"], config["max_audio_seconds"],

@@ -152,10 +152,14 @@ def test_fast_gpu_adds_levers_to_the_published_defaults():
     assert (published["precision"], published["audio_features"]["embed_all_windows"], published["compile"],
             published["audio_features"]["attention"], published["sentence_features"]["attention"]) == (
         "16-mixed", False, False, "sdpa", "sdpa")
-    assert (fast["precision"], fast["audio_features"]["embed_all_windows"], fast["data_loader"]["batch_size_eval"]) == (
-        "bf16-mixed", True, 64)
+    assert (fast["precision"], fast["data_loader"]["batch_size_eval"], fast["compile"], fast["compile_mode"]) == (
+        "bf16-mixed", 64, True, "reduce-overhead")
+    for scope, fixed in FIXED_SHAPES.items():  # the shapes under which each encoder compiles once (test below)
+        assert {key: fast[scope][key] for key in fixed} == fixed
     changed = {key for key in published if published[key] != fast[key]}
-    assert changed == {"precision", "audio_features", "data_loader"}  # nothing else of the published system moves
+    # nothing else of the published system moves
+    assert changed == {"precision", "audio_features", "sentence_features", "data_loader", "compile", "compile_mode",
+                       "require_gpu"}
 
 
 # Where a GPU makes the host wait: a value read back (`.item()`, `float()`, a tensor in an `if`), or a result whose
