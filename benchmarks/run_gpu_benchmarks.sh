@@ -14,7 +14,8 @@ fit=("$python" -m benchmarks.bench_stage1 --json "$out/fit.jsonl" fit --config b
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/machine.txt"
 $python -c "import torch, transformers, lightning; print('torch', torch.__version__, 'transformers', \
 transformers.__version__, 'lightning', lightning.__version__, 'cpus', __import__('os').cpu_count())" | tee -a "$out/machine.txt"
-timeout 200 "${step[@]}" --levers host_count all_windows mel_front_end on_device cuda_graphs --evaluate-after
+timeout 220 "${step[@]}" --levers host_count all_windows mel_front_end on_device cuda_graphs --evaluate-after \
+    --profile-after cuda_graphs --profile-file "$out/profile_cuda_graphs.txt"  # host- or GPU-bound with the graphs?
 timeout 270 "${fit[@]}" fast_gpu  # writes the data set and builds its cache first
 if [ "${ALL:-0}" = 1 ]; then
     timeout 170 "${fit[@]}" fast_gpu audio_features.augment_on_device=False sentence_features.padding=longest \
