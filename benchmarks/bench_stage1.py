@@ -170,8 +170,10 @@ def training_step(model: RetrievalModel, optimizer, scaler, batch: dict, device:
         scaler.update()
 
 
-def count_flops(model: RetrievalModel, batches: list[dict], device: str) -> float:
-    """Forward and backward FLOPs of the batches (matrix products and attention, as FlopCounterMode counts)."""
+def model_tflop_per_sample(config: dict, text_folder: Path, batches: list[dict], device: str) -> float:
+    """Forward and backward FLOPs per caption-clip pair of the published model on the batches (matrix products and
+    attention, as FlopCounterMode counts; padding windows and padding tokens are not model FLOPs)."""
+    model = build_model(config, text_folder, device, PUBLISHED)
     counter = FlopCounterMode(display=False)
     with counter:
         for batch in batches:
@@ -179,8 +181,12 @@ def count_flops(model: RetrievalModel, batches: list[dict], device: str) -> floa
                 windows, mask = model.encode_audio(batch["audio"], batch["audio_length"])
                 scores = model.score(model.encode_text(batch["caption"]), windows, mask)
             multi_positive_contrastive_loss(scores.float(), batch["clip_index"]).backward()
-    model.zero_grad(set_to_none=True)
-    return float(counter.get_total_flops())
+    return counter.get_total_flops() / sum(len(batch["caption"]) for batch in batches) / 1e12
+
+
+def model_flop_utilisation(samples_per_second: float, tflop_per_sample: float, device: str) -> float | None:
+    peak = peak_flops(device)
+    return samples_per_second * tflop_per_sample * 1e12 / peak if peak else None
 
 
 def time_training(model: RetrievalModel, lever: dict, warmup: list[dict], timed: list[dict], device: str) -> dict:
@@ -309,9 +315,9 @@ def bench_step(args: argparse.Namespace) -> None:
     batches = [random_batch(config["batch_size"], config["crop_seconds"], vocabulary, generator, device)
                for _ in range(args.warmup + args.steps)]
     warmup, timed = batches[:args.warmup], batches[args.warmup:]
-    flops = count_flops(build_model(config, text_folder, device, PUBLISHED), timed, device)
+    tflop_per_sample = model_tflop_per_sample(config, text_folder, timed, device)
     common = {"config": args.config, "machine": machine(device), "batch": config["batch_size"],
-              "steps": args.steps, "model_tflop_per_sample": flops / (args.steps * config["batch_size"]) / 1e12}
+              "steps": args.steps, "model_tflop_per_sample": tflop_per_sample}
     for name in args.levers:
         lever = LEVERS[name]
         if lever["compile"] and args.deadline and time.monotonic() - started > args.deadline:
@@ -325,8 +331,7 @@ def bench_step(args: argparse.Namespace) -> None:
         lever_warmup = warmup * 3 if lever["compile"] else warmup  # compilation and graph capture in warm-up
         with mask_made_by(lever):
             result = time_training(model, lever, lever_warmup, timed, device)
-        peak = peak_flops(device)
-        result["mfu"] = flops / result["seconds"] / peak if peak else None
+        result["mfu"] = model_flop_utilisation(result["samples_per_second"], tflop_per_sample, device)
         if lever["compile"]:
             result.update(compilation_counts())
         report({**common, "lever": name, "meaning": LEVER_MEANING[name], **result}, args.json)
@@ -383,13 +388,19 @@ def bench_fit(args: argparse.Namespace) -> None:
                 f"data_loader.batch_size={config['batch_size']}",
                 f"data_loader.n_workers={args.workers}", *args.settings]
     logged = run_experiment(data_dir, settings)
-    report({"command": "fit", "config": args.config, "machine": machine("cuda" if torch.cuda.is_available() else "cpu"),
-            "clips": args.clips, "epochs": args.epochs, "settings": args.settings, "workers": args.workers, **logged},
-           args.json)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    generator = torch.Generator().manual_seed(0)  # whole clips of 15-30 s and captions, as in the data set
+    batches = [random_batch(config["batch_size"], None, caption_vocabulary(2000), generator, device) for _ in range(4)]
+    tflop_per_sample = model_tflop_per_sample(config, folder / TEXT_MODEL_FOLDER, batches, device)
+    rate = logged.get("time/train_samples_per_second")
+    report({"command": "fit", "config": args.config, "machine": machine(device), "clips": args.clips,
+            "epochs": args.epochs, "settings": args.settings, "workers": args.workers, **logged,
+            "model_tflop_per_sample": tflop_per_sample,
+            "mfu": model_flop_utilisation(rate, tflop_per_sample, device) if rate else None}, args.json)
 
 
 def run_experiment(data_dir: Path, settings: list[str]) -> dict[str, float]:
-    """One `python -m experiments.ex_dcase24 with ...` run: its wall time and the `time/*` figures of its last epoch
+    """One `python -m experiments.ex_dcase24 with ...` run: its wall time and the `time/*` and `memory/*` figures of its last epoch
     (with two or more epochs, those of an epoch whose loader workers were already running and graphs compiled)."""
     start = time.perf_counter()
     completed = subprocess.run([sys.executable, "-m", "experiments.ex_dcase24", "with", *settings],
@@ -401,7 +412,8 @@ def run_experiment(data_dir: Path, settings: list[str]) -> dict[str, float]:
     logged = {"run_seconds": wall}
     with open(metrics_file) as handle:
         for row in csv.DictReader(handle):
-            logged.update({key: float(value) for key, value in row.items() if key.startswith("time/") and value})
+            logged.update({key: float(value) for key, value in row.items()
+                           if key.startswith(("time/", "memory/")) and value})
     return logged
 
 

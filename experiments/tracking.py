@@ -157,7 +157,8 @@ def _synchronize(module: L.LightningModule) -> None:
 class Throughput(L.Callback):
     """Per epoch: training captions per second (of all ranks) after `warmup_batches` (allocation, kernel selection
     and compilation happen there), the epoch's training seconds without its validation, and the validation seconds,
-    logged as `time/*`. Synchronises the device only at those few boundaries, never per step."""
+    logged as `time/*`; on a GPU also the epoch's peak of allocated memory (`memory/peak_gpu_gib`, this rank's).
+    Synchronises the device only at those few boundaries, never per step."""
 
     def __init__(self, warmup_batches: int = 10):
         self.warmup_batches = warmup_batches
@@ -167,6 +168,8 @@ class Throughput(L.Callback):
 
     def on_train_epoch_start(self, trainer, module) -> None:
         _synchronize(module)
+        if module.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(module.device)
         self._epoch_start = time.perf_counter()
         self._steady_start, self._steady_samples, self._validation_seconds = 0.0, 0, 0.0
 
@@ -198,6 +201,8 @@ class Throughput(L.Callback):
         if self._steady_samples:
             steady_seconds = now - self._steady_start - self._validation_seconds
             module.log("time/train_samples_per_second", self._steady_samples / steady_seconds)
+        if module.device.type == "cuda":
+            module.log("memory/peak_gpu_gib", torch.cuda.max_memory_allocated(module.device) / 2**30)
 
 
 class BestCheckpoint(ModelCheckpoint):

@@ -305,6 +305,27 @@ def test_throughput_counts_steady_training_samples_and_leaves_validation_out(tmp
     assert metrics["time/train_epoch_seconds"] == pytest.approx(14 * 0.02)  # validation left out
 
 
+def test_throughput_logs_each_epochs_own_peak_of_gpu_memory(monkeypatch):
+    """The hooks called as Lightning calls them on a GPU, with the CUDA memory counters played by a fake."""
+    from types import SimpleNamespace
+
+    allocated = {"peak": 7 * 2**30}
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: allocated.update(peak=0))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: allocated["peak"])
+    logged = {}
+    module = SimpleNamespace(device=torch.device("cuda", 0), log=lambda key, value: logged.update({key: value}))
+    trainer = SimpleNamespace(world_size=1, sanity_checking=False)
+    throughput = Throughput(warmup_batches=0)
+    for epoch_peak in (3 * 2**30, 2**29):  # the first epoch's peak must not stay in the second's figure
+        throughput.on_train_epoch_start(trainer, module)
+        throughput.on_train_batch_start(trainer, module, {"clip_index": torch.arange(4)}, 0)
+        allocated["peak"] = max(allocated["peak"], epoch_peak)
+        throughput.on_train_batch_end(trainer, module, None, {"clip_index": torch.arange(4)}, 0)
+        throughput.on_train_epoch_end(trainer, module)
+        assert logged["memory/peak_gpu_gib"] == epoch_peak / 2**30
+
+
 def test_half_precision_weights_cannot_take_a_small_step():
     """The measurement behind refusing precision=bf16-true: the spacing of bf16 numbers just below 1 is 2^-8."""
     from benchmarks.bench_half_weights import frozen_fraction
