@@ -81,6 +81,8 @@ LEVER_CHANGES = {
     "compile": (dict(padding="max_length", compile="default"),
                 "+ torch.compile of both encoders, captions padded to max_sentence_tokens (fixed shapes)"),
     "cuda_graphs": (dict(compile="reduce-overhead"), "+ CUDA graphs (torch.compile mode reduce-overhead)"),
+    "max_autotune": (dict(compile="max-autotune"),
+                     "+ matrix kernels chosen by timing (mode max-autotune, CUDA graphs too)"),
 }
 
 
@@ -400,8 +402,9 @@ def bench_fit(args: argparse.Namespace) -> None:
 
 
 def run_experiment(data_dir: Path, settings: list[str]) -> dict[str, float]:
-    """One `python -m experiments.ex_dcase24 with ...` run: its wall time and the `time/*` and `memory/*` figures of its last epoch
-    (with two or more epochs, those of an epoch whose loader workers were already running and graphs compiled)."""
+    """One `python -m experiments.ex_dcase24 with ...` run: its wall time and the `time/*` and `memory/*` figures of
+    its last epoch (with two or more epochs, those of an epoch whose loader workers were already running and graphs
+    compiled)."""
     start = time.perf_counter()
     completed = subprocess.run([sys.executable, "-m", "experiments.ex_dcase24", "with", *settings],
                                env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True)

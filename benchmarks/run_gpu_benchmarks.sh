@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU figures of benchmarks/RESULTS.md in one go, results as JSON lines in the folder given (default:
 # benchmarks/gpu_results): the step levers measured last and the end-to-end `fast_gpu` fit, about 8 minutes (one
-# device command); ALL=1 adds the fit without CUDA graphs, the published levers and TAP scoring (~7 minutes more).
+# device command); ALL=1 adds the fit without CUDA graphs, the published levers, TAP scoring and the untried
+# max-autotune lever (~10 minutes more).
 # Each part has its own time limit, so a slow part cannot take the others' figures with it.
 set -u
 out=${1:-benchmarks/gpu_results}
@@ -22,5 +23,6 @@ if [ "${ALL:-0}" = 1 ]; then
         compile=False compile_mode=default  # fast_gpu before the CUDA graphs
     timeout 200 "${step[@]}" --levers published sdpa bf16 fused_adamw compile --evaluate-after published fused_adamw
     timeout 60 $python -m benchmarks.bench_tap_scoring --device cuda | tee "$out/tap_scoring.txt"
+    timeout 300 "${step[@]}" --levers cuda_graphs max_autotune --evaluate-after
 fi
 $python -m benchmarks.bench_stage1 plot --json-in "$out/step.jsonl" --output "$out/levers.png" --target 400
