@@ -277,6 +277,22 @@ def profile_training(model: RetrievalModel, lever: dict, batches: list[dict], de
     print(f"profile of {len(batches) - 1} steps written to {path}", flush=True)
 
 
+@torch.no_grad()
+def compiled_error(model: RetrievalModel, config: dict, text_folder: Path, lever: dict, batch: dict,
+                   device: str) -> float:
+    """How far the compiled model's scores of a batch (evaluation mode: no random draws) lie from the same weights run
+    eagerly, as ||compiled - eager|| / ||eager||: a CUDA graph replaying stale inputs would show here, rounding not."""
+    eager = build_model(config, text_folder, device, {**lever, "compile": None})
+    eager.load_state_dict(model.state_dict())
+    scores = []
+    for candidate in (model.eval(), eager.eval()):
+        with autocast(device, lever["precision"]):
+            windows, mask = candidate.encode_audio(batch["audio"], batch["audio_length"])
+            scores.append(candidate.score(candidate.encode_text(batch["caption"]), windows, mask).float())
+    model.train()
+    return float(torch.linalg.vector_norm(scores[0] - scores[1]) / torch.linalg.vector_norm(scores[1]))
+
+
 def compilation_counts() -> dict[str, int]:
     """What torch.compile did so far: graphs compiled, graph breaks, graphs it could not replay as CUDA graphs
     (inductor logs the reason of each skip)."""
@@ -335,7 +351,8 @@ def bench_step(args: argparse.Namespace) -> None:
             result = time_training(model, lever, lever_warmup, timed, device)
         result["mfu"] = model_flop_utilisation(result["samples_per_second"], tflop_per_sample, device)
         if lever["compile"]:
-            result.update(compilation_counts())
+            result.update(compilation_counts(),
+                          error_vs_eager=compiled_error(model, config, text_folder, lever, timed[0], device))
         report({**common, "lever": name, "meaning": LEVER_MEANING[name], **result}, args.json)
         if name in args.evaluate_after:
             for eval_batch in args.eval_batches:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU figures of benchmarks/RESULTS.md in one go, results as JSON lines in the folder given (default:
-# benchmarks/gpu_results): the step levers measured last and the end-to-end `fast_gpu` fit, about 8 minutes (one
+# benchmarks/gpu_results): the step levers measured last and the end-to-end `fast_gpu` fit, about 9 minutes (one
 # device command); ALL=1 adds the fit without CUDA graphs, the published levers, TAP scoring and the untried
 # max-autotune lever (~10 minutes more).
 # Each part has its own time limit, so a slow part cannot take the others' figures with it.
@@ -15,7 +15,7 @@ fit=("$python" -m benchmarks.bench_stage1 --json "$out/fit.jsonl" fit --config b
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/machine.txt"
 $python -c "import torch, transformers, lightning; print('torch', torch.__version__, 'transformers', \
 transformers.__version__, 'lightning', lightning.__version__, 'cpus', __import__('os').cpu_count())" | tee -a "$out/machine.txt"
-timeout 220 "${step[@]}" --levers host_count all_windows mel_front_end on_device cuda_graphs --evaluate-after \
+timeout 280 "${step[@]}" --levers host_count all_windows mel_front_end on_device cuda_graphs --evaluate-after \
     --profile-after cuda_graphs --profile-file "$out/profile_cuda_graphs.txt"  # host- or GPU-bound with the graphs?
 timeout 270 "${fit[@]}" fast_gpu  # writes the data set and builds its cache first
 if [ "${ALL:-0}" = 1 ]; then
