@@ -81,6 +81,8 @@ LEVER_CHANGES = {
     "compile": (dict(padding="max_length", compile="default"),
                 "+ torch.compile of both encoders, captions padded to max_sentence_tokens (fixed shapes)"),
     "cuda_graphs": (dict(compile="reduce-overhead"), "+ CUDA graphs (torch.compile mode reduce-overhead)"),
+    "real_windows_graphs": (dict(all_windows=False), "+ only the real windows again, their number varying (the "
+                            "encoder compiled with it as a symbol; one CUDA graph per number)"),
     "max_autotune": (dict(compile="max-autotune"),
                      "+ matrix kernels chosen by timing (mode max-autotune, CUDA graphs too)"),
 }

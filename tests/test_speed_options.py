@@ -146,6 +146,26 @@ def test_fixed_shapes_compile_each_encoder_once_while_captions_and_clips_vary(da
     torch._dynamo.reset()
 
 
+def test_counted_real_windows_compile_the_audio_encoder_twice_however_their_number_varies(data_dir):
+    """The premise of the `real_windows_graphs` lever (benchmarks/bench_stage1.py): only the real windows embedded,
+    their number counted on the host. The first count compiles a graph of fixed shapes, the second a graph with the
+    window count as a symbol, which every later count reuses (on a GPU, with one CUDA graph recorded per count)."""
+    torch._dynamo.reset()
+    graphs = []
+    model = demo_model(data_dir, audio_features={"augment_on_device": True},
+                       sentence_features={"padding": "max_length"}).train()
+    model.compile_encoders(backend=lambda graph, example_inputs: graphs.append(graph) or graph.forward)
+    counts = {}
+    for seconds in [(30, 30, 30), (30, 7, 30), (12, 12, 4), (2, 2, 2), (20, 25, 3)]:
+        lengths = torch.tensor(seconds) * 32000
+        real_windows = model.audio_encoder.real_window_count(30 * 32000, lengths)
+        training_step(model, torch.randn(3, 30 * 32000) * 0.1, lengths, ["a dog", "rain falls", "wind"], real_windows)
+        counts[real_windows] = len(graphs)
+    assert len(counts) == 5  # five different numbers of windows
+    assert list(counts.values()) == [2, 3, 3, 3, 3]  # text and audio, then audio once more, never again
+    torch._dynamo.reset()
+
+
 def test_fast_gpu_adds_levers_to_the_published_defaults():
     published = ex.run("print_config", options={"--loglevel": "ERROR"}).config
     fast = ex.run("print_config", named_configs=["fast_gpu"], options={"--loglevel": "ERROR"}).config
