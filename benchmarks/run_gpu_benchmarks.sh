@@ -16,11 +16,11 @@ fit=("$python" -m benchmarks.bench_stage1 --json "$out/fit.jsonl" fit --config b
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/machine.txt"
 $python -c "import torch, transformers, lightning; print('torch', torch.__version__, 'transformers', \
 transformers.__version__, 'lightning', lightning.__version__, 'cpus', __import__('os').cpu_count())" | tee -a "$out/machine.txt"
-timeout 330 "${step[@]}" --levers on_device cuda_graphs real_windows_graphs --evaluate-after \
+timeout 330 "${step[@]}" --levers cuda_graphs real_windows_graphs --evaluate-after \
     --profile-after cuda_graphs --profile-file "$out/profile_cuda_graphs.txt"  # host- or GPU-bound with the graphs?
 timeout 250 "${fit[@]}" fast_gpu audio_features.embed_all_windows=False  # writes the data set and its cache first
 if [ "${ALL:-0}" = 1 ]; then
-    timeout 200 "${step[@]}" --levers host_count all_windows mel_front_end --evaluate-after
+    timeout 200 "${step[@]}" --levers host_count all_windows mel_front_end on_device --evaluate-after
     timeout 250 "${fit[@]}" fast_gpu
     timeout 170 "${fit[@]}" fast_gpu audio_features.augment_on_device=False sentence_features.padding=longest \
         compile=False compile_mode=default  # fast_gpu before the CUDA graphs
