@@ -15,7 +15,7 @@ from models.audio.passt import ATTENTION_IMPLEMENTATIONS as AUDIO_ATTENTION, PAS
 from models.heads import TEXT_PROJECTIONS
 from models.losses import POSITIVE_WEIGHTINGS
 from models.pooling import AGGREGATIONS, TAP_INITS
-from models.retrieval_model import COMPILE_MODES
+from models.retrieval_model import COMPILE_MODES, CUDA_GRAPH_MODES
 from models.text.transformer import (ATTENTION_IMPLEMENTATIONS as TEXT_ATTENTION, PADDINGS, PUNCTUATION_MODES,
                                      resolve_text_model)
 from utils.checkpoints import LOAD_LAST, checkpoint_folder, resolve_checkpoint
@@ -221,6 +221,11 @@ def cross_key_problems(config: Stage1Config) -> list[str]:
     elif audio.segment_length > encoder_seconds:
         problems.append(f"audio_features.segment_length={audio.segment_length:g} s is longer than "
                         f"audio_features.model={audio.model!r} accepts ({encoder_seconds:g} s)")
+    if config.compile and config.compile_mode in CUDA_GRAPH_MODES and config.accumulate_grad_batches > 1:
+        problems.append(f"compile_mode={config.compile_mode!r} with accumulate_grad_batches="
+                        f"{config.accumulate_grad_batches}: CUDA graphs hand back each step's gradients in memory "
+                        f"that the next step's replay overwrites, so accumulated gradients come out wrong or the run "
+                        f"stops (pytorch/pytorch#169545); use compile_mode=default, or accumulate_grad_batches=1")
     try:
         resolve_text_model(config.sentence_features.model, config.directories.data_dir)
     except ValueError as error:

@@ -9,6 +9,7 @@ from torch import nn
 from models.heads import projection_head
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile's modes
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the modes that replay CUDA graphs
 
 
 class RetrievalModel(nn.Module):

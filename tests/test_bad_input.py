@@ -53,6 +53,8 @@ CONFIG_CASES = [
     ({"precision": "bf17"}, ConfigError, "precision='bf17': expected one of '16-mixed', 'bf16-mixed'"),
     ({"precision": "bf16-true"}, ConfigError, "precision='bf16-true': keeps the weights themselves in half precision"),
     ({"compile_mode": "fast"}, ConfigError, "compile_mode='fast': expected one of 'default', 'reduce-overhead'"),
+    ({"compile": True, "compile_mode": "max-autotune", "accumulate_grad_batches": 2}, ConfigError,
+     "compile_mode='max-autotune' with accumulate_grad_batches=2: CUDA graphs .* overwrites"),
     ({"sentence_features__padding": "left"}, ConfigError,
      "sentence_features.padding='left': expected one of 'longest' or 'max_length'"),
     ({"load_parameters": "/missing.ckpt"}, ConfigError,
