@@ -10,19 +10,19 @@ per-tensor AdamW, hear21passt's host-side augmentation, transformers' own mask) 
 lever's model built with its settings and the same weights, so each row shows what that lever buys: SDPA
 attention in both encoders, bf16 autocast, fused AdamW, the real windows counted on the host, every window
 embedded, our faster computation of hear21passt's front end, augmentation and masks made on the device,
-torch.compile with fixed caption shapes, CUDA graphs. Batches
+torch.compile with fixed caption shapes, CUDA graphs, CUDA graphs over the real windows only, max-autotune. Batches
 are random (audio with Clotho's 15-30 s lengths, generated on the device; captions from the demo vocabulary,
 tokenised on the host as in training), weights random: the architectures, not the weights, set the cost. Model
 FLOPs are counted with torch's FlopCounterMode on the timed batches; MFU divides them by the time and the GPU's dense
-bf16 peak. One more step per lever runs under
-CUDA's synchronisation debug mode, which counts how often the step makes the host wait for the GPU. A full-split
+bf16 peak. One more step per lever runs under CUDA's synchronisation debug mode, which counts how often the step
+makes the host wait for the GPU; a compiled lever's scores are compared with its weights run eagerly. A full-split
 evaluation (1,045 clips, 5,225 captions: encode each once, score all pairs, compute the metrics) is timed after the
 levers named by --evaluate-after.
 
 `fit` writes a Clotho-format data set of noise clips (32 kHz, 15-30 s; its size set by --clips), a random-init
 model of RoBERTa-large's sizes, and runs `python -m experiments.ex_dcase24` for --epochs epochs, which logs the steady
-training throughput and the validation time of each (`time/*`, experiments/tracking.py's Throughput); the last
-epoch's are reported.
+training throughput, the validation time and on a GPU the peak memory of each (`time/*`, `memory/*`,
+experiments/tracking.py's Throughput); the last epoch's are reported, with the MFU of its throughput.
 """
 from __future__ import annotations
 

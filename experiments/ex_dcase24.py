@@ -69,8 +69,7 @@ def default_config():
         "aggregate": "mean",  # mean | TAP (each caption queries each clip) | TAP_own_caption (published protocol)
         "attention": "sdpa",  # sdpa: fused attention kernels | explicit: hear21passt's softmax(QK^T)V (same function)
         "embed_all_windows": False,  # True: padding windows go through PaSST too (masked afterwards): fixed shapes
-        # (what CUDA graphs need), ~17% more audio FLOPs; was faster on an H200 before the real windows were counted
-        # on the host (benchmarks/RESULTS.md)
+        # (what CUDA graphs need), ~17% more audio FLOPs, yet 7% faster on an H200 (benchmarks/RESULTS.md)
         "augment_on_device": False,  # True: mel band edges, filter bank and patchout indices made on the GPU (the
         # same function; hear21passt makes them on the CPU and its copies wait for the GPU every step)
         "model_config": {
@@ -240,8 +239,8 @@ def check_hardware(precision, accelerator: str, devices, num_nodes: int, require
         raise RuntimeError(f"num_nodes={num_nodes} needs a launcher that starts the other machines: torchrun or "
                            f"srun (README, 'Several GPUs and nodes')")
     if require_gpu and not torch.cuda.is_available():
-        raise RuntimeError("no CUDA GPU is visible (require_gpu=True, set by fast_gpu, lean_single_gpu and make train): run on a "
-                           "GPU machine, or add require_gpu=False to train on this machine anyway")
+        raise RuntimeError("no CUDA GPU is visible (require_gpu=True, set by fast_gpu, lean_single_gpu and make "
+                           "train): run on a GPU machine, or add require_gpu=False to train on this machine anyway")
 
 
 def window_and_hop_seconds(audio_features: dict) -> tuple[float, float]:
