@@ -1,12 +1,14 @@
 """Does a pooling learn, and how much does it vary? Test metrics of `demo` runs over data sets and seeds.
 
     python -m benchmarks.bench_learning --data-dir /tmp/learning --datasets mixed:0 ordered:1 \\
-        --aggregates mean TAP TAP_own_caption --seeds 409194 1 2 [--set key=value ...]
+        --aggregates mean TAP TAP_own_caption --seeds 409194 1 2 [--set key=value ...] [--label NAME] \\
+        [--reference LABEL]
 
 Each data set is generated once (`layout:seed`, in the Clotho layout, with its own tokenizer and tiny
 RoBERTa); every (data set, aggregate, seed) is one real run of `python -m experiments.ex_dcase24 with demo`
 with the published TAP keys (5 s windows, hop 5, dropout 0.1). Results are appended to
-`<data-dir>/results.jsonl` as they finish (a rerun skips what is there), then summarised as mean and range.
+`<data-dir>/results.jsonl` as they finish (a rerun skips what is there), then summarised as mean and range;
+with `--reference`, each variant also as its difference from the reference variant seed by seed.
 """
 from __future__ import annotations
 
@@ -59,6 +61,20 @@ def run_demo_on(data_dir: Path, folder: str, settings: list[str], command_name: 
             "minutes": round((time.perf_counter() - started) / 60, 2)}
 
 
+def paired_differences(rows: list[dict], reference: str) -> dict[tuple[str, str, str], list[float]]:
+    """(label, data set, pooling) -> its mAP@10 minus the reference label's, seed by seed. Seeds spread these runs
+    more than most changes move them; a difference taken within a seed cancels what the seed does to both."""
+    reference_scores = {(row["dataset"], row["aggregate"], row["seed"]): row["result"]["mAP@10"]
+                        for row in rows if row["label"] == reference}
+    differences: dict[tuple[str, str, str], list[float]] = {}
+    for row in rows:
+        same_run = (row["dataset"], row["aggregate"], row["seed"])
+        if row["label"] != reference and same_run in reference_scores:
+            differences.setdefault((row["label"], row["dataset"], row["aggregate"]), []).append(
+                row["result"]["mAP@10"] - reference_scores[same_run])
+    return differences
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", type=Path, required=True)
@@ -67,6 +83,7 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[409194, 1, 2])
     parser.add_argument("--set", nargs="*", default=[], dest="extra", help="more config updates (key=value)")
     parser.add_argument("--label", default="", help="name of this variant in the results file")
+    parser.add_argument("--reference", help="a label: print every other label's per-seed difference from it")
     args = parser.parse_args()
     args.data_dir.mkdir(parents=True, exist_ok=True)
     results_path = args.data_dir / "results.jsonl"
@@ -84,14 +101,19 @@ def main() -> None:
                 done.append(row)
                 with open(results_path, "a") as handle:
                     handle.write(json.dumps(row) + "\n")
-    print(f"\n{'label':<12} {'data set':<12} {'aggregate':<16} mAP@10 mean [min, max] over seeds (chance)")
+    print(f"\n{'label':<14} {'data set':<12} {'aggregate':<16} mAP@10 mean [min, max] over seeds (chance)")
     groups: dict[tuple, list[dict]] = {}
     for row in done:
         groups.setdefault((row["label"], row["dataset"], row["aggregate"]), []).append(row)
     for (label, spec, aggregate), rows in sorted(groups.items()):
         scores = [row["result"]["mAP@10"] for row in rows]
-        print(f"{label:<12} {spec:<12} {aggregate:<16} {statistics.mean(scores):.3f} [{min(scores):.3f}, "
+        print(f"{label:<14} {spec:<12} {aggregate:<16} {statistics.mean(scores):.3f} [{min(scores):.3f}, "
               f"{max(scores):.3f}] n={len(scores)} ({rows[0]['chance']:.3f})")
+    if args.reference:
+        print(f"\nmAP@10 minus {args.reference}'s on the same data set, pooling and seed: mean [min, max]")
+        for (label, spec, aggregate), differences in sorted(paired_differences(done, args.reference).items()):
+            print(f"{label:<14} {spec:<12} {aggregate:<16} {statistics.mean(differences):+.3f} "
+                  f"[{min(differences):+.3f}, {max(differences):+.3f}] n={len(differences)}")
 
 
 if __name__ == "__main__":
