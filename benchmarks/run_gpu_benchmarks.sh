@@ -3,7 +3,9 @@
 # benchmarks/gpu_results). First what is still unmeasured, at most 9.8 minutes (one device command): the CUDA-graph
 # step's profile and its error against eager, the `real_windows_graphs` lever next to `cuda_graphs`, and `fast_gpu`
 # end to end with only the real windows. ALL=1 adds the figures of RESULTS.md measured before (~20 minutes more) and
-# the untried max-autotune lever.
+# the untried max-autotune lever. LEARNING=1 runs, instead of all that, a command of its own (at most 9.7 minutes):
+# does `fast_gpu` learn as the published settings (fp16 autocast, eager) do, on the TAP demo of a data set it was never
+# tuned on, seed by seed (benchmarks/bench_learning.py; on a CPU only its levers without CUDA graphs could run).
 # Each part has its own time limit, so a slow part cannot take the others' figures with it.
 set -u
 out=${1:-benchmarks/gpu_results}
@@ -16,6 +18,14 @@ fit=("$python" -m benchmarks.bench_stage1 --json "$out/fit.jsonl" fit --config b
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/machine.txt"
 $python -c "import torch, transformers, lightning; print('torch', torch.__version__, 'transformers', \
 transformers.__version__, 'lightning', lightning.__version__, 'cpus', __import__('os').cpu_count())" | tee -a "$out/machine.txt"
+if [ "${LEARNING:-0}" = 1 ]; then  # rows are kept as each run finishes, so a time limit keeps those before it
+    learn=("$python" -m benchmarks.bench_learning --data-dir /tmp/learn_gpu --datasets ordered:1 --aggregates TAP
+           --seeds 409194 1 2)
+    timeout 250 "${learn[@]}" --label published --set accelerator=gpu precision=16-mixed  # the demo's is the CPU
+    timeout 330 "${learn[@]}" --label fast_gpu --set fast_gpu accelerator=gpu --reference published
+    cp /tmp/learn_gpu/results.jsonl "$out/learning.jsonl"
+    exit
+fi
 timeout 330 "${step[@]}" --levers cuda_graphs real_windows_graphs --evaluate-after \
     --profile-after cuda_graphs --profile-file "$out/profile_cuda_graphs.txt"  # host- or GPU-bound with the graphs?
 timeout 250 "${fit[@]}" fast_gpu audio_features.embed_all_windows=False  # writes the data set and its cache first
