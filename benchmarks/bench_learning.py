@@ -81,7 +81,8 @@ def main() -> None:
     parser.add_argument("--datasets", nargs="+", default=["mixed:0", "ordered:1"], help="layout:seed")
     parser.add_argument("--aggregates", nargs="+", default=["mean", "TAP", "TAP_own_caption"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[409194, 1, 2])
-    parser.add_argument("--set", nargs="*", default=[], dest="extra", help="more config updates (key=value)")
+    parser.add_argument("--set", nargs="*", default=[], dest="extra",
+                        help="more config updates: key=value, or a named config (fast_gpu)")
     parser.add_argument("--label", default="", help="name of this variant in the results file")
     parser.add_argument("--reference", help="a label: print every other label's per-seed difference from it")
     args = parser.parse_args()
