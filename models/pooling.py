@@ -122,7 +122,8 @@ class TextAwareAttentionPooling(Pooling):
         nn.init.eye_(self.output.weight)  # its bias keeps its random init: a pair whose attention weights were
         # all dropped pools to that bias, which LayerNorm can normalise (a zero vector it cannot)
 
-    def attention(self, text: torch.Tensor, windows: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def attention(self, text: torch.Tensor, windows: torch.Tensor,
+                  mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention weights (captions, clips, windows), zero on padding and after attention-weight dropout,
         and the windows' values (clips, windows, dim)."""
         query = self.query(self.text_norm(text))

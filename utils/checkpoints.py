@@ -55,7 +55,8 @@ def read_checkpoint(path: str | Path, key: str, needs: tuple[str, ...] = ("state
         raise ValueError(f"{key}={str(path)!r} is not a PyTorch checkpoint ({type(error).__name__}: {error})") from None
     absent = [name for name in needs if not isinstance(checkpoint, dict) or name not in checkpoint]
     if absent:
-        found = ", ".join(sorted(map(str, checkpoint))[:8]) if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        found = (", ".join(sorted(map(str, checkpoint))[:8]) if isinstance(checkpoint, dict)
+                 else type(checkpoint).__name__)
         raise ValueError(f"{key}={str(path)!r} is not a Lightning checkpoint of this experiment: no "
                          f"{', '.join(absent)} (found: {found})")
     return checkpoint
