@@ -75,6 +75,10 @@ def paired_differences(rows: list[dict], reference: str) -> dict[tuple[str, str,
     return differences
 
 
+def variant_columns(label: str, spec: str, aggregate: str) -> str:
+    return f"{label:<14} {spec:<12} {aggregate:<16}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", type=Path, required=True)
@@ -102,18 +106,18 @@ def main() -> None:
                 done.append(row)
                 with open(results_path, "a") as handle:
                     handle.write(json.dumps(row) + "\n")
-    print(f"\n{'label':<14} {'data set':<12} {'aggregate':<16} mAP@10 mean [min, max] over seeds (chance)")
+    print(f"\n{variant_columns('label', 'data set', 'aggregate')} mAP@10 mean [min, max] over seeds (chance)")
     groups: dict[tuple, list[dict]] = {}
     for row in done:
         groups.setdefault((row["label"], row["dataset"], row["aggregate"]), []).append(row)
     for (label, spec, aggregate), rows in sorted(groups.items()):
         scores = [row["result"]["mAP@10"] for row in rows]
-        print(f"{label:<14} {spec:<12} {aggregate:<16} {statistics.mean(scores):.3f} [{min(scores):.3f}, "
+        print(f"{variant_columns(label, spec, aggregate)} {statistics.mean(scores):.3f} [{min(scores):.3f}, "
               f"{max(scores):.3f}] n={len(scores)} ({rows[0]['chance']:.3f})")
     if args.reference:
         print(f"\nmAP@10 minus {args.reference}'s on the same data set, pooling and seed: mean [min, max]")
         for (label, spec, aggregate), differences in sorted(paired_differences(done, args.reference).items()):
-            print(f"{label:<14} {spec:<12} {aggregate:<16} {statistics.mean(differences):+.3f} "
+            print(f"{variant_columns(label, spec, aggregate)} {statistics.mean(differences):+.3f} "
                   f"[{min(differences):+.3f}, {max(differences):+.3f}] n={len(differences)}")
 
 
