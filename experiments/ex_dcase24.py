@@ -176,10 +176,10 @@ def demo():
 @ex.named_config
 def fast_gpu():
     # The published system with the speed levers that paid on an H200 (benchmarks/RESULTS.md: 87 -> 371 captions/s
-    # end to end from the CUDA graphs): bf16 instead of fp16 autocast, hear21passt's augmentation drawn on the device
-    # (other random numbers), fixed shapes (every window embedded, captions padded to max_sentence_tokens) so that
-    # each encoder compiles once and CUDA graphs replay the step, evaluation in batches of 64 clips. SDPA attention
-    # and fused AdamW are on by default.
+    # end to end from the CUDA graphs; 356 on an H100): bf16 instead of fp16 autocast, hear21passt's augmentation
+    # drawn on the device (other random numbers), fixed shapes (every window embedded, captions padded to
+    # max_sentence_tokens) so that each encoder compiles once and CUDA graphs replay the step, evaluation in batches
+    # of 64 clips. SDPA attention and fused AdamW are on by default.
     precision = "bf16-mixed"
     audio_features = {"embed_all_windows": True, "augment_on_device": True}
     sentence_features = {"padding": "max_length"}
