@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The GPU figures of benchmarks/RESULTS.md in one go, results as JSON lines in the folder given (default:
 # benchmarks/gpu_results). By default what one device command (at most 9.2 minutes) must bring from a machine not
-# measured before: `fast_gpu` end to end as shipped (on a fresh machine the HDF5 cache is written first, over a
-# minute), TAP's full-split scoring, then, in the time left, the CUDA-graph step, its error against eager and its
-# profile. ALL=1 adds the `real_windows_graphs` lever and `fast_gpu` with only the real windows, the figures of
-# RESULTS.md measured before (~20 minutes more) and the untried max-autotune lever. LEARNING=1 runs, instead of all
-# that, a command of its own (at most 9.7 minutes): does `fast_gpu` learn as the published settings (fp16 autocast,
-# eager) do, on the TAP demo of a data set it was never tuned on, seed by seed (benchmarks/bench_learning.py; on a CPU
-# only its levers without CUDA graphs could run).
+# measured before: `fast_gpu` end to end as shipped (on a fresh machine the HDF5 cache is written first and every
+# kernel compiled), TAP's full-split scoring, then, in the time left, the CUDA-graph step, its error against eager and
+# its profile. AUTOTUNE=1 runs instead the one GPU lever left untried, `max_autotune` (inductor chooses its matrix
+# kernels by timing them; long compilation), against the CUDA-graph step on the same machine, with its profile (at
+# most 9.3 minutes). ALL=1 adds the figures of RESULTS.md measured before (~15 minutes more), `real_windows_graphs`
+# and `fast_gpu` with only the real windows among them. LEARNING=1 runs, instead of all that, a command of its own (at
+# most 9.7 minutes): does `fast_gpu` learn as the published settings (fp16 autocast, eager) do, on the TAP demo of a
+# data set it was never tuned on, seed by seed (benchmarks/bench_learning.py; on a CPU only its levers without CUDA
+# graphs could run).
 # Each part has its own time limit, so a slow part cannot take the others' figures with it.
 set -u
 out=${1:-benchmarks/gpu_results}
@@ -28,10 +30,15 @@ if [ "${LEARNING:-0}" = 1 ]; then  # rows are kept as each run finishes, so a ti
     cp /tmp/learn_gpu/results.jsonl "$out/learning.jsonl"
     exit
 fi
-timeout 300 "${fit[@]}" fast_gpu  # writes the data set and its cache first
-timeout 40 $python -m benchmarks.bench_tap_scoring --device cuda | tee "$out/tap_scoring.txt"
-timeout $((540 - SECONDS)) "${step[@]}" --levers cuda_graphs --evaluate-after \
-    --profile-after cuda_graphs --profile-file "$out/profile_cuda_graphs.txt"  # host- or GPU-bound with the graphs?
+if [ "${AUTOTUNE:-0}" = 1 ]; then
+    timeout 550 "${step[@]}" --levers cuda_graphs max_autotune --evaluate-after --profile-after max_autotune \
+        --profile-file "$out/profile_max_autotune.txt"
+else
+    timeout 300 "${fit[@]}" fast_gpu  # writes the data set and its cache first
+    timeout 40 $python -m benchmarks.bench_tap_scoring --device cuda | tee "$out/tap_scoring.txt"
+    timeout $((540 - SECONDS)) "${step[@]}" --levers cuda_graphs --evaluate-after \
+        --profile-after cuda_graphs --profile-file "$out/profile_cuda_graphs.txt"  # host- or GPU-bound?
+fi
 if [ "${ALL:-0}" = 1 ]; then
     timeout 200 "${step[@]}" --levers real_windows_graphs --evaluate-after
     timeout 250 "${fit[@]}" fast_gpu audio_features.embed_all_windows=False
@@ -39,6 +46,5 @@ if [ "${ALL:-0}" = 1 ]; then
     timeout 170 "${fit[@]}" fast_gpu audio_features.augment_on_device=False sentence_features.padding=longest \
         compile=False compile_mode=default  # fast_gpu before the CUDA graphs
     timeout 200 "${step[@]}" --levers published sdpa bf16 fused_adamw compile --evaluate-after published fused_adamw
-    timeout 300 "${step[@]}" --levers cuda_graphs max_autotune --evaluate-after
 fi
 $python -m benchmarks.bench_stage1 plot --json-in "$out/step.jsonl" --output "$out/levers.png" --target 400
