@@ -47,6 +47,7 @@ from hear21passt.models.preprocess import AugmentMelSTFT
 from torch._dynamo.utils import counters
 from torch.utils.flop_counter import FlopCounterMode
 
+from benchmarks.kernel_breakdown import breakdown
 from data_loaders.demo_data import EVENTS, TEXT_MODEL_FOLDER, caption_for, write_captions_csv, write_text_model
 from models.audio.passt import MEL_SETTINGS, SAMPLE_RATE, PasstEncoder
 from models.losses import multi_positive_contrastive_loss
@@ -256,7 +257,8 @@ def time_evaluation(model: RetrievalModel, clips: int, batch_size: int, vocabula
 
 
 def profile_training(model: RetrievalModel, lever: dict, batches: list[dict], device: str, path: str) -> None:
-    """Where a step's time goes: the operators by device time and by host time, written to `path`."""
+    """Where a step's time goes, written to `path`: the GPU's busy time and its kinds of kernel, then the operators by
+    device time and by host time; the whole trace beside it (`.trace.json.gz`, for chrome://tracing or Perfetto)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
@@ -270,13 +272,20 @@ def profile_training(model: RetrievalModel, lever: dict, batches: list[dict], de
             training_step(model, optimizer, None, batch, device, lever)
         synchronize(device)
     wall = time.perf_counter() - start
+    steps = len(batches) - 1
+    trace_path = Path(path).with_suffix(".trace.json.gz")
+    trace_path.parent.mkdir(parents=True, exist_ok=True)
+    profiler.export_chrome_trace(str(trace_path))
     averages = profiler.key_averages()
     sort_key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    summary = (f"{steps} steps, {wall:.3f} s wall under the profiler\n"
+               + breakdown(trace_path, steps, step_milliseconds=wall * 1000 / steps))
+    print(summary, end="", flush=True)
     with open(path, "w") as handle:
-        handle.write(f"{len(batches) - 1} steps, {wall:.3f} s wall under the profiler\n")
+        handle.write(summary)
         handle.write(averages.table(sort_by=sort_key, row_limit=30) + "\n")
         handle.write(averages.table(sort_by="self_cpu_time_total", row_limit=20) + "\n")
-    print(f"profile of {len(batches) - 1} steps written to {path}", flush=True)
+    print(f"profile of {steps} steps written to {path}, its trace to {trace_path}", flush=True)
 
 
 @torch.no_grad()

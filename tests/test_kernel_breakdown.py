@@ -1,0 +1,75 @@
+import gzip
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.kernel_breakdown import breakdown, busy_milliseconds, kernel_class, milliseconds_by_class
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name, category, expected", [
+    # the kinds of kernel an H100's profile of the CUDA-graph step showed (benchmarks/results/h100-2026-11-27,
+    # names completed), and PyTorch's own attention and max-autotune matrix kernels
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_3_64x64x128", "kernel", "attention"),
+    ("void cudnn::fusion::compute_dot_do_o_specialized<true>", "kernel", "attention"),
+    ("fmha_cutlassB_bf16_aligned_64x64_k64_sm80", "kernel", "attention"),
+    ("nvjet_sm90_tst_192x192_64x3_2x1_v_bz_coopB_NNN", "kernel", "matrix products"),
+    ("void cutlass__5x_cudnn::Kernel<cutlass_tensorop_bf16_s16816fprop>", "kernel", "matrix products"),
+    ("triton_tem_fused_addmm_0", "kernel", "matrix products"),
+    ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>", "kernel",
+     "optimiser"),
+    ("triton_per_fused__to_copy_add_native_layer_norm_backward_3", "kernel",
+     "fused elementwise and reductions (Triton)"),
+    ("void cudnn::engines_precompiled::nchwToNhwcKernel<__nv_bfloat16>", "kernel", "layout changes"),
+    ("void at::native::vectorized_elementwise_kernel<4, FillFunctor<float>>", "kernel", "other kernels"),
+    ("Memcpy HtoD (Pinned -> Device)", "gpu_memcpy", "memory copies and sets"),
+])
+def test_kernels_are_sorted_into_kinds_first_match_first(name: str, category: str, expected: str):
+    assert kernel_class(name, category) == expected
+
+
+def kernel(name: str, start: float, duration: float, category: str = "kernel") -> dict:
+    return {"ph": "X", "cat": category, "name": name, "ts": start, "dur": duration}
+
+
+def test_overlapping_device_work_counts_once_and_time_is_per_step():
+    events = [kernel("nvjet_a", 0, 10_000), kernel("triton_poi_b", 5_000, 10_000),  # two streams, 5 ms overlap
+              kernel("nvjet_c", 20_000, 10_000), kernel("Memset (Device)", 12_000, 1_000, "gpu_memset")]
+    assert busy_milliseconds(events, steps=1) == pytest.approx(25.0)
+    assert busy_milliseconds(events, steps=5) == pytest.approx(5.0)
+    by_class = milliseconds_by_class(events, steps=2)
+    assert by_class == pytest.approx({"matrix products": 10.0, "fused elementwise and reductions (Triton)": 5.0,
+                                      "memory copies and sets": 0.5})
+    assert list(by_class) == ["matrix products", "fused elementwise and reductions (Triton)",
+                              "memory copies and sets"]
+
+
+def test_the_breakdown_reads_a_gzipped_trace_and_ignores_host_events(tmp_path: Path):
+    trace = {"traceEvents": [kernel("nvjet_a", 0, 30_000), kernel("sdpa_flash_fprop", 30_000, 10_000),
+                             kernel("aten::mm", 0, 45_000, "cpu_op"),
+                             {"ph": "i", "cat": "kernel", "name": "instant", "ts": 0}]}
+    path = tmp_path / "profile.trace.json.gz"
+    with gzip.open(path, "wt") as handle:
+        json.dump(trace, handle)
+    text = breakdown(path, steps=2, step_milliseconds=25.0)
+    assert text.splitlines()[0].startswith("GPU busy 20.0 ms of 25.0 ms per step under the profiler (80%")
+    assert "15.00 ms  matrix products" in text and "5.00 ms  attention" in text
+    (tmp_path / "cpu.trace.json").write_text(json.dumps({"traceEvents": [kernel("aten::mm", 0, 5, "cpu_op")]}))
+    assert breakdown(tmp_path / "cpu.trace.json", steps=1, step_milliseconds=1.0) == "no GPU work in cpu.trace.json\n"
+
+
+def test_the_step_benchmark_profiles_into_a_text_and_a_trace(tmp_path: Path):
+    profile = tmp_path / "profiles" / "published.txt"
+    subprocess.run([sys.executable, "-m", "benchmarks.bench_stage1", "step", "--config", "demo", "--device", "cpu",
+                    "--levers", "published", "--steps", "3", "--warmup", "1", "--evaluate-after",
+                    "--profile-after", "published", "--profile-file", str(profile)], cwd=REPO, check=True,
+                   capture_output=True, timeout=300)
+    text = profile.read_text()
+    assert text.startswith("2 steps, ") and "no GPU work in published.trace.json.gz" in text
+    assert "Self CPU" in text  # the operator tables follow
+    with gzip.open(profile.with_suffix(".trace.json.gz"), "rt") as handle:
+        assert any(event.get("cat") == "cpu_op" for event in json.load(handle)["traceEvents"])
