@@ -34,7 +34,7 @@ if [ "${AUTOTUNE:-0}" = 1 ]; then
     timeout 550 "${step[@]}" --levers cuda_graphs max_autotune --evaluate-after --profile-after max_autotune \
         --profile-file "$out/profile_max_autotune.txt"
 else
-    timeout 300 "${fit[@]}" fast_gpu  # writes the data set and its cache first
+    timeout 360 "${fit[@]}" fast_gpu  # writes the data set and its cache first (cold: over 240 s on an H100)
     timeout 40 $python -m benchmarks.bench_tap_scoring --device cuda | tee "$out/tap_scoring.txt"
     timeout $((540 - SECONDS)) "${step[@]}" --levers cuda_graphs --evaluate-after \
         --profile-after cuda_graphs --profile-file "$out/profile_cuda_graphs.txt"  # host- or GPU-bound?
