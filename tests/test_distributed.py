@@ -185,3 +185,22 @@ def test_two_process_demo_is_one_run_and_tests_a_checkpoint_like_one_process(tmp
                                          f"devices={devices}", "data_loader.batch_size_eval=2"))
                        for devices in (1, 2))
     assert alone == together  # 5 test clips: the sampler repeats one on the second rank, counted once
+
+
+def test_compiled_encoders_under_ddp_train_as_eager_ones(tmp_path):
+    """DDP hands compiled modules to its graph-splitting optimiser (one graph per gradient bucket); the two processes
+    must still train what eager ones train. On a GPU `fast_gpu` adds CUDA graphs, which a CPU cannot replay."""
+    generate_demo_dataset(tmp_path / "clotho_demo", {"development": 6, "validation": 3, "evaluation": 5}, seed=1)
+    metrics = {}
+    for compiled in (False, True):
+        sacred = tmp_path / f"sacred_compile_{compiled}"
+        run_cli("-F", str(sacred), "with", "demo", f"directories.data_dir={tmp_path}", "data_loader.n_workers=0",
+                "accelerator=cpu", "devices=2", "strategy=ddp", "max_epochs=2", "data_loader.batch_size=4",
+                "log_every_n_steps=1", "seed=3", f"compile={compiled}")
+        metrics[compiled] = json.loads((sacred / "1" / "metrics.json").read_text())
+    eager, compiled = metrics[False], metrics[True]
+    first_epoch, second_epoch = eager["train/loss"]["values"]  # one per epoch
+    assert abs(first_epoch - second_epoch) > 1e-3  # training moved the weights, so later losses test the updates too
+    assert compiled["train/loss"]["values"] == pytest.approx(eager["train/loss"]["values"], rel=1e-4)
+    for key in ("val/mAP@10", "test/mAP@10", "test/R@1"):
+        assert compiled[key]["values"] == pytest.approx(eager[key]["values"], abs=1e-6)
