@@ -12,7 +12,9 @@ attention in both encoders, bf16 autocast, fused AdamW, the real windows counted
 embedded, our faster computation of hear21passt's front end, augmentation and masks made on the device,
 torch.compile with fixed caption shapes, CUDA graphs, CUDA graphs over the real windows only, max-autotune. Batches
 are random (audio with Clotho's 15-30 s lengths, generated on the device; captions from the demo vocabulary,
-tokenised on the host as in training), weights random: the architectures, not the weights, set the cost. Model
+tokenised on the host as in training), weights random: the architectures, not the weights, set the cost. PaSST
+trains with the configuration's structured patchout (baseline: the published 15 of 62 time columns and 2 of 8
+frequency rows of patches dropped; `--patchout 0 0`, as runs 1-4 of RESULTS.md, times ~1.8x its audio FLOPs). Model
 FLOPs are counted with torch's FlopCounterMode on the timed batches; MFU divides them by the time and the GPU's dense
 bf16 peak. One more step per lever runs under CUDA's synchronisation debug mode, which counts how often the step
 makes the host wait for the GPU; a compiled lever's scores are compared with its weights run eagerly. A full-split
@@ -23,6 +25,8 @@ levers named by --evaluate-after.
 model of RoBERTa-large's sizes, and runs `python -m experiments.ex_dcase24` for --epochs epochs, which logs the steady
 training throughput, the validation time and on a GPU the peak memory of each (`time/*`, `memory/*`,
 experiments/tracking.py's Throughput); the last epoch's are reported, with the MFU of its throughput.
+`--profile-steps N` trains one more epoch and traces N of its steps (the experiment's `profile_steps`): the GPU's
+busy time per step against the step's wall time says whether the real loop waits for the GPU or for the host.
 """
 from __future__ import annotations
 
@@ -49,6 +53,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.kernel_breakdown import breakdown
 from data_loaders.demo_data import EVENTS, TEXT_MODEL_FOLDER, caption_for, write_captions_csv, write_text_model
+from experiments.tracking import PROFILE_TRACE
 from models.audio.passt import MEL_SETTINGS, SAMPLE_RATE, PasstEncoder
 from models.losses import multi_positive_contrastive_loss
 from models.pooling import MeanPooling
@@ -61,11 +66,13 @@ CLOTHO_EVAL_CLIPS = 1045
 CAPTIONS_PER_CLIP = 5
 DENSE_BF16_PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}  # the vendors' dense tensor-core figures
 ROBERTA_LARGE = dict(hidden_size=1024, layers=24, attention_heads=16, intermediate_size=4096, vocab_size=50265)
+# `patchout`: the structured patchout (time columns, frequency rows dropped in training) of the experiment's defaults
+# for `baseline` and of its `demo` named config; it removes 45% of PaSST's training FLOPs at 10-s windows.
 CONFIGS = {
     "demo": dict(audio="passt_small", window_seconds=5, text=dict(hidden_size=128, layers=2), shared=128,
-                 batch_size=32, crop_seconds=5),
+                 batch_size=32, crop_seconds=5, patchout=(0, 0)),
     "baseline": dict(audio="passt", window_seconds=10, text=ROBERTA_LARGE, shared=1024, batch_size=16,
-                     crop_seconds=None),
+                     crop_seconds=None, patchout=(15, 2)),
 }
 PUBLISHED = dict(precision="fp16", attention=False, fused_adamw=False, count_on_host=False, all_windows=False,
                  fast_front_end=False, on_device=False, padding="longest", compile=None)
@@ -124,6 +131,7 @@ def random_batch(batch_size: int, crop_seconds: float | None, vocabulary: list[s
 def build_model(config: dict, text_folder: Path, device: str, lever: dict) -> RetrievalModel:
     audio = PasstEncoder(config["audio"], window_seconds=config["window_seconds"],
                          hop_seconds=config["window_seconds"], pretrained=False,
+                         s_patchout_t=config["patchout"][0], s_patchout_f=config["patchout"][1],
                          attention="sdpa" if lever["attention"] else "explicit",
                          embed_padding_windows=lever["all_windows"], augment_on_device=lever["on_device"])
     text = TextEncoder(str(text_folder), attention="sdpa" if lever["attention"] else "eager",
@@ -177,7 +185,8 @@ def training_step(model: RetrievalModel, optimizer, scaler, batch: dict, device:
 
 def model_tflop_per_sample(config: dict, text_folder: Path, batches: list[dict], device: str) -> float:
     """Forward and backward FLOPs per caption-clip pair of the published model on the batches (matrix products and
-    attention, as FlopCounterMode counts; padding windows and padding tokens are not model FLOPs)."""
+    attention, as FlopCounterMode counts, in training mode: patchout's dropped patches, padding windows and padding
+    tokens are not model FLOPs)."""
     model = build_model(config, text_folder, device, PUBLISHED)
     counter = FlopCounterMode(display=False)
     with counter:
@@ -332,8 +341,13 @@ def report(record: dict, json_path: str | None) -> None:
             handle.write(json.dumps(record) + "\n")
 
 
+def chosen_config(args: argparse.Namespace) -> dict:
+    overrides = {"batch_size": getattr(args, "batch_size", None), "patchout": args.patchout and tuple(args.patchout)}
+    return dict(CONFIGS[args.config], **{key: value for key, value in overrides.items() if value is not None})
+
+
 def bench_step(args: argparse.Namespace) -> None:
-    config = dict(CONFIGS[args.config], **({"batch_size": args.batch_size} if args.batch_size else {}))
+    config = chosen_config(args)
     device, started = args.device, time.monotonic()
     vocabulary = caption_vocabulary(2000)
     folder = tempfile.TemporaryDirectory()
@@ -346,7 +360,7 @@ def bench_step(args: argparse.Namespace) -> None:
     warmup, timed = batches[:args.warmup], batches[args.warmup:]
     tflop_per_sample = model_tflop_per_sample(config, text_folder, timed, device)
     common = {"config": args.config, "machine": machine(device), "batch": config["batch_size"],
-              "steps": args.steps, "model_tflop_per_sample": tflop_per_sample}
+              "patchout": config["patchout"], "steps": args.steps, "model_tflop_per_sample": tflop_per_sample}
     for name in args.levers:
         lever = LEVERS[name]
         if lever["compile"] and args.deadline and time.monotonic() - started > args.deadline:
@@ -408,31 +422,41 @@ def bench_fit(args: argparse.Namespace) -> None:
         write_noise_dataset(folder, dict(zip(("development", "validation", "evaluation"), args.clips)),
                             ROBERTA_LARGE if args.config == "baseline" else CONFIGS["demo"]["text"])
         print(f"data set written in {time.perf_counter() - start:.0f} s", flush=True)
-    config = CONFIGS[args.config]
+    config = chosen_config(args)
+    epochs = args.epochs + (1 if args.profile_steps else 0)  # the profiled epoch's figures are not reported
     settings = [f"directories.data_dir={data_dir}", "clotho_v2.folder_name=clotho_bench",
                 f"sentence_features.model=clotho_bench/{TEXT_MODEL_FOLDER}", f"audio_features.model={config['audio']}",
                 f"audio_features.segment_length={config['window_seconds']}",
                 f"audio_features.hop_length={config['window_seconds']}",
                 "audio_features.model_config.pretrained=False", f"shared_representation_size={config['shared']}",
-                f"max_epochs={args.epochs}", "warmup_length=0", "rampdown_start=0", f"rampdown_stop={args.epochs}",
+                f"max_epochs={epochs}", "warmup_length=0", "rampdown_start=0", f"rampdown_stop={epochs}",
                 f"data_loader.batch_size={config['batch_size']}",
-                f"data_loader.n_workers={args.workers}", *args.settings]
-    logged = run_experiment(data_dir, settings)
+                f"data_loader.n_workers={args.workers}",
+                f"audio_features.model_config.s_patchout_t={config['patchout'][0]}",
+                f"audio_features.model_config.s_patchout_f={config['patchout'][1]}",
+                f"profile_steps={args.profile_steps}", *args.settings]
+    logged, run_folder = run_experiment(data_dir, settings, report_epoch=args.epochs - 1)
+    if args.profile_steps:
+        summary = breakdown(run_folder / PROFILE_TRACE, args.profile_steps,
+                            step_milliseconds=logged["time/profiled_step_ms"])
+        print(summary, end="", flush=True)
+        Path(args.profile_file).write_text(summary)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     generator = torch.Generator().manual_seed(0)  # whole clips of 15-30 s and captions, as in the data set
     batches = [random_batch(config["batch_size"], None, caption_vocabulary(2000), generator, device) for _ in range(4)]
     tflop_per_sample = model_tflop_per_sample(config, folder / TEXT_MODEL_FOLDER, batches, device)
     rate = logged.get("time/train_samples_per_second")
-    report({"command": "fit", "config": args.config, "machine": machine(device), "clips": args.clips,
+    report({"command": "fit", "config": args.config, "machine": machine(device), "patchout": config["patchout"],
+            "clips": args.clips,
             "epochs": args.epochs, "settings": args.settings, "workers": args.workers, **logged,
             "model_tflop_per_sample": tflop_per_sample,
             "mfu": model_flop_utilisation(rate, tflop_per_sample, device) if rate else None}, args.json)
 
 
-def run_experiment(data_dir: Path, settings: list[str]) -> dict[str, float]:
-    """One `python -m experiments.ex_dcase24 with ...` run: its wall time and the `time/*` and `memory/*` figures of
-    its last epoch (with two or more epochs, those of an epoch whose loader workers were already running and graphs
-    compiled)."""
+def run_experiment(data_dir: Path, settings: list[str], report_epoch: int) -> tuple[dict[str, float], Path]:
+    """One `python -m experiments.ex_dcase24 with ...` run: its wall time, the `time/*` and `memory/*` figures of
+    epoch `report_epoch` (from the second epoch on, one whose loader workers were already running and graphs
+    compiled) and the time per profiled step of any epoch, and its run folder."""
     start = time.perf_counter()
     completed = subprocess.run([sys.executable, "-m", "experiments.ex_dcase24", "with", *settings],
                                env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True)
@@ -443,9 +467,10 @@ def run_experiment(data_dir: Path, settings: list[str]) -> dict[str, float]:
     logged = {"run_seconds": wall}
     with open(metrics_file) as handle:
         for row in csv.DictReader(handle):
-            logged.update({key: float(value) for key, value in row.items()
-                           if key.startswith(("time/", "memory/")) and value})
-    return logged
+            reported = row["epoch"] and int(row["epoch"]) == report_epoch
+            logged.update({key: float(value) for key, value in row.items() if value and (
+                key == "time/profiled_step_ms" or reported and key.startswith(("time/", "memory/")))})
+    return logged, metrics_file.parents[2]
 
 
 def lever_rows(json_path: Path) -> list[dict]:
@@ -507,7 +532,14 @@ def main() -> None:
     fit.add_argument("--workers", type=int, default=8, help="data_loader.n_workers")
     fit.add_argument("--epochs", type=int, default=2, help="the figures are the last epoch's (the first starts the "
                      "validation workers and compiles)")
+    fit.add_argument("--profile-steps", type=int, default=0, help="trace this many steps of one more epoch "
+                     "(profile_steps=N) and write the GPU's busy time per step and its kinds of kernel")
+    fit.add_argument("--profile-file", default="fit_profile.txt")
     fit.add_argument("settings", nargs="*", help="further key=value settings of the experiment")
+    for command, earlier in ((step, "; runs 1-4 of benchmarks/RESULTS.md: 0 0"), (fit, "")):
+        command.add_argument("--patchout", type=int, nargs=2, metavar=("TIME", "FREQUENCY"),
+                             help="PaSST's structured patchout in training instead of the configuration's (the "
+                             f"published (15, 2) for baseline){earlier}")
     plot = commands.add_parser("plot", help="a PNG of samples/s and MFU per lever from a `step --json` file")
     plot.add_argument("--json-in", type=Path, required=True)
     plot.add_argument("--output", type=Path, required=True)

@@ -2,8 +2,10 @@
 # The GPU figures of benchmarks/RESULTS.md in one go, results as JSON lines in the folder given (default:
 # benchmarks/gpu_results). By default what one device command (at most 9.2 minutes) must bring from a machine not
 # measured before: `fast_gpu` end to end as shipped (on a fresh machine the HDF5 cache is written first and every
-# kernel compiled), TAP's full-split scoring, then, in the time left, the CUDA-graph step, its error against eager and
-# its profile. AUTOTUNE=1 runs instead the one GPU lever left untried, `max_autotune` (inductor chooses its matrix
+# kernel compiled), with 10 steps of one more epoch profiled (is the real loop bound by the GPU, or does the GPU wait
+# for the host and the loader?), TAP's full-split scoring, then, in the time left, the CUDA-graph step, its error
+# against eager and its profile. The step trains with the published patchout since 2026-11-27 (runs 1-4 did not:
+# `--patchout 0 0` repeats them). AUTOTUNE=1 runs instead the one GPU lever left untried, `max_autotune` (inductor chooses its matrix
 # kernels by timing them; long compilation), against the CUDA-graph step on the same machine, with its profile (at
 # most 9.3 minutes). ALL=1 adds the figures of RESULTS.md measured before (~15 minutes more), `real_windows_graphs`
 # and `fast_gpu` with only the real windows among them. LEARNING=1 runs, instead of all that, a command of its own (at
@@ -18,7 +20,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 python=${PYTHON:-python3}
 step=("$python" -m benchmarks.bench_stage1 --json "$out/step.jsonl" step --config baseline --steps 30 --warmup 8)
 fit=("$python" -m benchmarks.bench_stage1 --json "$out/fit.jsonl" fit --config baseline --data-dir /tmp/bench_fit
-     --clips 300 1045 20 --epochs 2 --workers 12)
+     --clips 300 1045 20 --epochs 2 --workers 12 --profile-file "$out/fit_profile.txt")
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/machine.txt"
 $python -c "import torch, transformers, lightning; print('torch', torch.__version__, 'transformers', \
 transformers.__version__, 'lightning', lightning.__version__, 'cpus', __import__('os').cpu_count())" | tee -a "$out/machine.txt"
@@ -34,9 +36,9 @@ if [ "${AUTOTUNE:-0}" = 1 ]; then
     timeout 550 "${step[@]}" --levers cuda_graphs max_autotune --evaluate-after --profile-after max_autotune \
         --profile-file "$out/profile_max_autotune.txt"
 else
-    timeout 360 "${fit[@]}" fast_gpu  # writes the data set and its cache first (cold: over 240 s on an H100)
+    timeout 370 "${fit[@]}" --profile-steps 10 fast_gpu  # writes the data set and cache first (cold: over 240 s)
     timeout 40 $python -m benchmarks.bench_tap_scoring --device cuda | tee "$out/tap_scoring.txt"
-    timeout $((540 - SECONDS)) "${step[@]}" --levers cuda_graphs --evaluate-after \
+    timeout $((545 - SECONDS)) "${step[@]}" --levers cuda_graphs --evaluate-after \
         --profile-after cuda_graphs --profile-file "$out/profile_cuda_graphs.txt"  # host- or GPU-bound?
 fi
 if [ "${ALL:-0}" = 1 ]; then

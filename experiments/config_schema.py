@@ -148,6 +148,7 @@ class Stage1Config(Section):
     num_nodes: Count
     strategy: Literal[STRATEGIES]
     log_every_n_steps: Count
+    profile_steps: NonNegativeInt
     monitor: Literal[METRIC_NAMES]
     test_weights: Literal[TEST_WEIGHTS]
     require_gpu: bool

@@ -25,9 +25,10 @@ from data_loaders.data_loader import data_loader, get_data_loader, get_dataset
 from data_loaders.stored_embeddings import EmbeddingSource, load_stored_embeddings, write_embeddings
 from experiments.config_schema import LEARNING_RATE_KEYS, TEST_WEIGHTS, validate_config
 from experiments.retrieval_module import OptimisationSettings, RetrievalModule
-from experiments.tracking import (RUN_FOLDER_VARIABLE, BestCheckpoint, LastEpochCheckpoint, SacredMetrics,
-                                  Throughput, TrainingProgressBar, fit_recording_interrupts, last_checkpoint,
-                                  prepare_observer_options, route_mongo_failures)
+from experiments.tracking import (PROFILE_TRACE, RUN_FOLDER_VARIABLE, BestCheckpoint, LastEpochCheckpoint,
+                                  ProfiledSteps, SacredMetrics, Throughput, TrainingProgressBar,
+                                  fit_recording_interrupts, last_checkpoint, prepare_observer_options,
+                                  route_mongo_failures)
 from models.audio.passt import PasstEncoder, pretrained_weights_path
 from models.pooling import POOLINGS, Pooling, make_pooling
 from models.retrieval_model import RetrievalModel
@@ -130,6 +131,8 @@ def default_config():
     num_nodes = 1  # machines, started by torchrun or srun (README, "Several GPUs and nodes")
     strategy = "auto"  # Lightning strategy: auto (DDP when devices > 1) | ddp | ddp_spawn | ...
     log_every_n_steps = 50
+    profile_steps = 0  # >0: trace this many training steps of the last epoch (from its batch 10) with torch.profiler
+    # into <run folder>/profile.trace.json.gz; time/profiled_step_ms logs their wall time (README, "Training speed on one GPU")
     monitor = "mAP@10"  # validation metric that picks the best checkpoint
     test_weights = "last"  # last: the weights after the last epoch (published) | best: the best-validation checkpoint
     require_gpu = False  # stop before training if no CUDA GPU is visible
@@ -340,7 +343,8 @@ def build_loggers(folder: Path, use_wandb: bool, wandb_project: str, wandb_entit
 @ex.capture
 def build_trainer(folder: Path, max_epochs: int, precision, accumulate_grad_batches: int, gradient_clip_val,
                   accelerator: str, devices, num_nodes: int, strategy: str, monitor: str, log_every_n_steps: int,
-                  _run) -> L.Trainer:
+                  profile_steps: int, _run) -> L.Trainer:
+    profiled = [ProfiledSteps(folder / PROFILE_TRACE, profile_steps)] if profile_steps else []
     return L.Trainer(max_epochs=max_epochs, precision=precision, accumulate_grad_batches=accumulate_grad_batches,
                      gradient_clip_val=gradient_clip_val, accelerator=accelerator, devices=devices,
                      num_nodes=num_nodes, strategy=strategy, default_root_dir=folder, logger=build_loggers(folder),
@@ -348,7 +352,8 @@ def build_trainer(folder: Path, max_epochs: int, precision, accumulate_grad_batc
                      callbacks=[BestCheckpoint(folder / "checkpoints", f"val/{monitor}"),
                                 LastEpochCheckpoint(folder / "checkpoints"),
                                 LearningRateMonitor(logging_interval="step"), Throughput(),
-                                SacredMetrics(_run), TrainingProgressBar(refresh_rate=PROGRESS_BAR_REFRESH_STEPS)],
+                                SacredMetrics(_run), TrainingProgressBar(refresh_rate=PROGRESS_BAR_REFRESH_STEPS),
+                                *profiled],
                      log_every_n_steps=log_every_n_steps,
                      num_sanity_val_steps=0)
 

@@ -22,12 +22,15 @@ from sacred.utils import SacredInterrupt
 
 from utils.checkpoints import LAST_CHECKPOINT
 from utils.distributed import is_rank_zero
+from utils.files import replaced_atomically
 from utils.paths import default_data_dir
 
 MONGO_OPTION = "--mongo_db"
 FILE_OPTION = "--file_storage"
 RUN_FOLDER_VARIABLE = "DCASE24_RUN_FOLDER"  # rank 0's run folder, inherited by the ranks Lightning starts
+PROFILE_TRACE = "profile.trace.json.gz"  # ProfiledSteps' trace in the run folder (profile_steps > 0)
 TRAIN_LOSS = "train/loss"  # the contrastive loss of each training batch, as the module logs it
+WARMUP_BATCHES = 10  # training batches of an epoch before its steady rate is timed (and its steps profiled)
 
 
 def mongo_reachable(url: str, timeout_ms: int = 2000) -> bool:
@@ -160,7 +163,7 @@ class Throughput(L.Callback):
     logged as `time/*`; on a GPU also the epoch's peak of allocated memory (`memory/peak_gpu_gib`, this rank's).
     Synchronises the device only at those few boundaries, never per step."""
 
-    def __init__(self, warmup_batches: int = 10):
+    def __init__(self, warmup_batches: int = WARMUP_BATCHES):
         self.warmup_batches = warmup_batches
         self._epoch_start = self._steady_start = self._validation_start = 0.0
         self._steady_samples = 0
@@ -203,6 +206,47 @@ class Throughput(L.Callback):
             module.log("time/train_samples_per_second", self._steady_samples / steady_seconds)
         if module.device.type == "cuda":
             module.log("memory/peak_gpu_gib", torch.cuda.max_memory_allocated(module.device) / 2**30)
+
+
+class ProfiledSteps(L.Callback):
+    """Traces `steps` training steps of the last epoch with torch.profiler, from its batch `first_batch` on (compiled,
+    loader workers running), into `path` (a Chrome trace; rank 0), and logs their wall time per step under the
+    profiler as `time/profiled_step_ms`. Unlike a model-step benchmark on ready batches, the trace shows whether a
+    real run's GPU waits for the host, the loader or the copy of the batch."""
+
+    def __init__(self, path: Path, steps: int, first_batch: int = WARMUP_BATCHES):
+        self.path, self.steps, self.first_batch = Path(path), steps, first_batch
+        self._profiler, self._start = None, 0.0
+
+    def on_train_start(self, trainer, module) -> None:
+        batches = trainer.num_training_batches
+        if self.first_batch + self.steps > batches:
+            remedy = (f"profile at most {batches - self.first_batch} steps" if batches > self.first_batch
+                      else "train on more clips or in smaller batches")
+            raise ValueError(f"profile_steps={self.steps}: the profile starts at training batch {self.first_batch} "
+                             f"of the last epoch, which has {batches} batches; {remedy}")
+
+    def on_train_batch_start(self, trainer, module, batch, batch_index) -> None:
+        last_epoch = trainer.current_epoch == trainer.max_epochs - 1
+        if batch_index == self.first_batch and last_epoch and trainer.is_global_zero:
+            from torch.profiler import ProfilerActivity, profile
+
+            _synchronize(module)
+            cuda = [ProfilerActivity.CUDA] if module.device.type == "cuda" else []
+            self._profiler = profile(activities=[ProfilerActivity.CPU, *cuda])
+            self._profiler.start()
+            self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_index) -> None:
+        if self._profiler is None or batch_index != self.first_batch + self.steps - 1:
+            return
+        _synchronize(module)
+        milliseconds = (time.perf_counter() - self._start) * 1000 / self.steps
+        self._profiler.stop()
+        with replaced_atomically(self.path) as temporary:
+            self._profiler.export_chrome_trace(str(temporary))
+        self._profiler = None
+        module.log("time/profiled_step_ms", milliseconds, on_step=False, on_epoch=True, rank_zero_only=True)
 
 
 class BestCheckpoint(ModelCheckpoint):

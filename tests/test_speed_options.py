@@ -353,3 +353,12 @@ def test_half_precision_weights_cannot_take_a_small_step():
     assert frozen_fraction(weights, 1e-3, torch.bfloat16) == 0.5  # 1 - 1e-3 rounds back to 1; the smaller ones move
     assert frozen_fraction(weights, 1e-2, torch.bfloat16) == 0.0
     assert frozen_fraction(weights, 1e-3, torch.float16) == 0.0  # fp16's spacing below 1 is 2^-11
+
+
+def test_profile_steps_beyond_the_epoch_stop_before_training(data_dir):
+    with pytest.raises(ValueError, match=r"profile_steps=25: .* batch 10 of the last epoch, which has 3 batches; "
+                                         r"train on more clips or in smaller batches"):
+        run_demo(data_dir, profile_steps=25, data_loader__batch_size=8)  # 30 captions, the last batch dropped
+    with pytest.raises(ValueError, match=r"profile_steps=25: .* which has 30 batches; profile at most 20 steps"):
+        run_demo(data_dir, profile_steps=25, data_loader__batch_size=1)
+    assert not list((data_dir / "runs").glob("*/checkpoints/*.ckpt"))

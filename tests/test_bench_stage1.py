@@ -1,0 +1,56 @@
+"""The stage-1 speed benchmark measures the workload the published training runs, and counts its FLOPs so."""
+import csv
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks.bench_stage1 import (CONFIGS, PUBLISHED, build_model, caption_vocabulary, model_tflop_per_sample,
+                                     random_batch, run_experiment)
+from benchmarks.kernel_breakdown import breakdown
+from data_loaders.demo_data import write_text_model
+from experiments.ex_dcase24 import ex
+from experiments.tracking import PROFILE_TRACE
+
+
+@pytest.mark.parametrize("config_name, named_configs", [("baseline", []), ("demo", ["demo"])])
+def test_the_benchmark_trains_with_the_experiments_patchout(config_name, named_configs):
+    config = ex.run("print_config", named_configs=named_configs, options={"--loglevel": "ERROR"}).config
+    patchout = config["audio_features"]["model_config"]
+    assert CONFIGS[config_name]["patchout"] == (patchout["s_patchout_t"], patchout["s_patchout_f"])
+
+
+def test_model_flops_count_only_the_patches_patchout_keeps(tmp_path: Path):
+    vocabulary = caption_vocabulary(50)
+    torch.manual_seed(0)
+    text_folder = write_text_model(tmp_path, vocabulary, **CONFIGS["demo"]["text"])
+    batches = [random_batch(4, CONFIGS["demo"]["crop_seconds"], vocabulary, torch.Generator().manual_seed(0), "cpu")]
+    with_patchout = dict(CONFIGS["demo"], patchout=(2, 1))
+    network = build_model(with_patchout, text_folder, "cpu", PUBLISHED).audio_encoder.network
+    assert (network.s_patchout_t, network.s_patchout_f) == (2, 1)
+    full, kept = (model_tflop_per_sample(config, text_folder, batches, "cpu")
+                  for config in (CONFIGS["demo"], with_patchout))
+    assert kept < 0.9 * full
+    assert model_tflop_per_sample(with_patchout, text_folder, batches, "cpu") == kept  # as many patches every draw
+
+
+def test_the_fit_reports_an_unprofiled_epoch_and_traces_steps_of_the_last(data_dir: Path):
+    """`fit --profile-steps` through the command line: 30 captions in batches of 1, 2 epochs; the last epoch's batches
+    10-12 are traced into the run folder, whole, and the figures reported are the first epoch's."""
+    logged, run_folder = run_experiment(data_dir, ["demo", f"directories.data_dir={data_dir}", "max_epochs=2",
+                                                   "data_loader.batch_size=1", "data_loader.n_workers=0",
+                                                   "profile_steps=3"], report_epoch=0)
+    with gzip.open(run_folder / PROFILE_TRACE, "rt") as handle:
+        events = json.load(handle)["traceEvents"]
+    assert sum(event.get("name", "").startswith("Optimizer.step#AdamW.step") for event in events) == 3
+    assert not list(run_folder.glob(".*partial*"))
+    with open(next(run_folder.glob("logs/*/metrics.csv"))) as handle:
+        rows = list(csv.DictReader(handle))
+    profiled = [row["epoch"] for row in rows if row["time/profiled_step_ms"]]
+    rates = {row["epoch"]: float(row["time/train_samples_per_second"]) for row in rows
+             if row["time/train_samples_per_second"]}
+    assert profiled == ["1"] and logged["time/profiled_step_ms"] > 0
+    assert logged["time/train_samples_per_second"] == rates["0"] != rates["1"]
+    assert breakdown(run_folder / PROFILE_TRACE, 3, 1.0) == f"no GPU work in {PROFILE_TRACE}\n"
