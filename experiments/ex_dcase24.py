@@ -70,7 +70,7 @@ def default_config():
         "aggregate": "mean",  # mean | TAP (each caption queries each clip) | TAP_own_caption (published protocol)
         "attention": "sdpa",  # sdpa: fused attention kernels | explicit: hear21passt's softmax(QK^T)V (same function)
         "embed_all_windows": False,  # True: padding windows go through PaSST too (masked afterwards): fixed shapes
-        # (what CUDA graphs need), ~17% more audio FLOPs, yet 7% faster on an H200 (benchmarks/RESULTS.md)
+        # (what CUDA graphs need), ~12% more audio FLOPs, yet 7% faster on an H200 (benchmarks/RESULTS.md)
         "augment_on_device": False,  # True: mel band edges, filter bank and patchout indices made on the GPU (the
         # same function; hear21passt makes them on the CPU and its copies wait for the GPU every step)
         "model_config": {
