@@ -35,6 +35,7 @@ import csv
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -415,7 +416,8 @@ def write_noise_dataset(folder: Path, clips: dict[str, int], text: dict | None, 
 
 
 def bench_fit(args: argparse.Namespace) -> None:
-    data_dir = Path(args.data_dir)
+    data_dir, profile_file = Path(args.data_dir), Path(args.profile_file)
+    profile_file.parent.mkdir(parents=True, exist_ok=True)  # before the run, not after it
     folder = data_dir / "clotho_bench"
     if not folder.is_dir():
         start = time.perf_counter()
@@ -436,11 +438,12 @@ def bench_fit(args: argparse.Namespace) -> None:
                 f"audio_features.model_config.s_patchout_f={config['patchout'][1]}",
                 f"profile_steps={args.profile_steps}", *args.settings]
     logged, run_folder = run_experiment(data_dir, settings, report_epoch=args.epochs - 1)
-    if args.profile_steps:
+    if args.profile_steps:  # the summary, and the trace beside it (the run folder may stay on a lent machine)
         summary = breakdown(run_folder / PROFILE_TRACE, args.profile_steps,
                             step_milliseconds=logged["time/profiled_step_ms"])
         print(summary, end="", flush=True)
-        Path(args.profile_file).write_text(summary)
+        profile_file.write_text(summary)
+        shutil.copyfile(run_folder / PROFILE_TRACE, profile_file.with_suffix(".trace.json.gz"))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     generator = torch.Generator().manual_seed(0)  # whole clips of 15-30 s and captions, as in the data set
     batches = [random_batch(config["batch_size"], None, caption_vocabulary(2000), generator, device) for _ in range(4)]
