@@ -17,7 +17,8 @@ trains with the configuration's structured patchout (baseline: the published 15 
 frequency rows of patches dropped; `--patchout 0 0`, as runs 1-4 of RESULTS.md, times ~1.8x its audio FLOPs). Model
 FLOPs are counted with torch's FlopCounterMode on the timed batches; MFU divides them by the time and the GPU's dense
 bf16 peak. One more step per lever runs under CUDA's synchronisation debug mode, which counts how often the step
-makes the host wait for the GPU; a compiled lever's scores are compared with its weights run eagerly. A full-split
+makes the host wait for the GPU; a compiled lever's scores are compared with its weights run eagerly, and two of
+its training passes over one batch must embed different windows (fresh patchout draws). A full-split
 evaluation (1,045 clips, 5,225 captions: encode each once, score all pairs, compute the metrics) is timed after the
 levers named by --evaluate-after.
 
@@ -56,6 +57,7 @@ from benchmarks.kernel_breakdown import breakdown
 from data_loaders.demo_data import EVENTS, TEXT_MODEL_FOLDER, caption_for, write_captions_csv, write_text_model
 from experiments.tracking import PROFILE_TRACE
 from models.audio.passt import MEL_SETTINGS, SAMPLE_RATE, PasstEncoder
+from models.audio.windowing import split_into_windows
 from models.losses import multi_positive_contrastive_loss
 from models.pooling import MeanPooling
 from models.retrieval_model import RetrievalModel
@@ -298,6 +300,27 @@ def profile_training(model: RetrievalModel, lever: dict, batches: list[dict], de
     print(f"profile of {steps} steps written to {path}, its trace to {trace_path}", flush=True)
 
 
+def draws_differ(model: RetrievalModel, lever: dict, batch: dict, device: str) -> bool:
+    """Whether two training passes of the same weights over the same spectrograms embed different windows, as
+    patchout's fresh random draws make them (the mel front end's own draws held still): a CUDA graph that replayed
+    the random numbers of its recording would embed the same windows twice, and train on one patchout all run long."""
+    encoder = model.audio_encoder
+    model.train()
+    encoder.mel.eval()
+    windows, mask = split_into_windows(batch["audio"], batch["audio_length"], encoder.window_samples,
+                                       encoder.hop_samples)
+    rows = windows.flatten(0, 1) if encoder.embed_padding_windows else windows[mask]  # the training step's shape
+    embedded = []
+    for _ in range(2):
+        with autocast(device, lever["precision"]):
+            tokens = encoder.embed_windows(rows)
+        embedded.append(tokens.detach().float().clone())
+        tokens.float().sum().backward()  # the backward graph runs too, as in training
+    model.zero_grad(set_to_none=True)
+    encoder.mel.train()
+    return not torch.equal(*embedded)
+
+
 @torch.no_grad()
 def compiled_error(model: RetrievalModel, config: dict, text_folder: Path, lever: dict, batch: dict,
                    device: str) -> float:
@@ -378,7 +401,9 @@ def bench_step(args: argparse.Namespace) -> None:
         result["mfu"] = model_flop_utilisation(result["samples_per_second"], tflop_per_sample, device)
         if lever["compile"]:
             result.update(compilation_counts(),
-                          error_vs_eager=compiled_error(model, config, text_folder, lever, timed[0], device))
+                          error_vs_eager=compiled_error(model, config, text_folder, lever, timed[0], device),
+                          random_draws_differ=draws_differ(model, lever, timed[0], device) if any(
+                              config["patchout"]) else None)
         report({**common, "lever": name, "meaning": LEVER_MEANING[name], **result}, args.json)
         if name in args.evaluate_after:
             for eval_batch in args.eval_batches:

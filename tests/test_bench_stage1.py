@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.bench_stage1 import (CONFIGS, PUBLISHED, build_model, caption_vocabulary, model_tflop_per_sample,
-                                     random_batch, run_experiment)
+from benchmarks.bench_stage1 import (CONFIGS, LEVERS, PUBLISHED, build_model, caption_vocabulary, draws_differ,
+                                     model_tflop_per_sample, random_batch, run_experiment)
 from benchmarks.kernel_breakdown import breakdown
 from data_loaders.demo_data import write_text_model
 from experiments.ex_dcase24 import ex
@@ -54,3 +54,19 @@ def test_the_fit_reports_an_unprofiled_epoch_and_traces_steps_of_the_last(data_d
     assert profiled == ["1"] and logged["time/profiled_step_ms"] > 0
     assert logged["time/train_samples_per_second"] == rates["0"] != rates["1"]
     assert breakdown(run_folder / PROFILE_TRACE, 3, 1.0) == f"no GPU work in {PROFILE_TRACE}\n"
+
+
+@pytest.mark.parametrize("lever", ["published", "on_device"])  # patchout drawn by hear21passt, and on the device
+def test_fresh_patchout_draws_are_told_from_replayed_ones(tmp_path: Path, monkeypatch, lever):
+    vocabulary = caption_vocabulary(50)
+    torch.manual_seed(0)
+    text_folder = write_text_model(tmp_path, vocabulary, **CONFIGS["demo"]["text"])
+    batch = random_batch(2, CONFIGS["demo"]["crop_seconds"], vocabulary, torch.Generator().manual_seed(0), "cpu")
+    settings = LEVERS[lever]
+    assert draws_differ(build_model(dict(CONFIGS["demo"], patchout=(2, 1)), text_folder, "cpu", settings), settings,
+                        batch, "cpu")
+    assert not draws_differ(build_model(CONFIGS["demo"], text_folder, "cpu", settings), settings, batch, "cpu")
+    replayed = torch.randperm(64)  # what a CUDA graph replaying its recorded draws would hand out every time
+    monkeypatch.setattr(torch, "randperm", lambda size, **options: replayed[replayed < size].to(options.get("device")))
+    assert not draws_differ(build_model(dict(CONFIGS["demo"], patchout=(2, 1)), text_folder, "cpu", settings),
+                            settings, batch, "cpu")
