@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
+import math
 import os
 import platform
 import shutil
@@ -42,6 +44,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from unittest import mock
@@ -93,7 +96,8 @@ LEVER_CHANGES = {
                 "+ torch.compile of both encoders, captions padded to max_sentence_tokens (fixed shapes)"),
     "cuda_graphs": (dict(compile="reduce-overhead"), "+ CUDA graphs (torch.compile mode reduce-overhead)"),
     "real_windows_graphs": (dict(all_windows=False), "+ only the real windows again, their number varying (the "
-                            "encoder compiled with it as a symbol; one CUDA graph per number)"),
+                            "encoder compiled with it as a symbol; one CUDA graph per number, each recorded in "
+                            "warm-up)"),
     "max_autotune": (dict(compile="max-autotune"),
                      "+ matrix kernels chosen by timing (mode max-autotune, CUDA graphs too)"),
 }
@@ -116,9 +120,11 @@ def caption_vocabulary(count: int, seed: int = 0) -> list[str]:
 
 
 def random_batch(batch_size: int, crop_seconds: float | None, vocabulary: list[str], generator: torch.Generator,
-                 device: str) -> dict:
-    """Audio zero-padded to 30 s after a random 15-30 s length, as the cache-backed loader delivers it."""
-    seconds = torch.empty(batch_size).uniform_(15, 30, generator=generator)
+                 device: str, seconds: torch.Tensor | None = None) -> dict:
+    """Audio zero-padded to 30 s after a random 15-30 s length (or `seconds`), as the cache-backed loader delivers
+    it."""
+    if seconds is None:
+        seconds = torch.empty(batch_size).uniform_(15, 30, generator=generator)
     if crop_seconds:
         seconds = seconds.clamp(max=crop_seconds)
     lengths = (seconds * SAMPLE_RATE).long()
@@ -129,6 +135,21 @@ def random_batch(batch_size: int, crop_seconds: float | None, vocabulary: list[s
     return {"audio": audio, "audio_length": lengths.to(device), "host_length": lengths,
             "caption": [vocabulary[i] for i in picks],
             "clip_index": torch.arange(batch_size, device=device)}
+
+
+def every_window_total(config: dict) -> list[torch.Tensor]:
+    """Clip lengths (seconds) of batches whose totals of real windows run through every total that clips of 15-30 s
+    can give: every clip at its fewest windows, then one clip after another at one window more, up to every clip at
+    its most. An epoch meets each total sooner or later, and a lever whose shapes follow the total compiles and
+    records a CUDA graph for each new one, once; warmed up on these, its timed steps measure what a run then gets."""
+    hop, longest = config["window_seconds"], min(30, config["crop_seconds"] or 30)
+    fewest, most = math.ceil(15 / hop), math.ceil(longest / hop)
+    counts, lengths = [fewest] * config["batch_size"], []
+    for clip in [None] + [clip for _ in range(most - fewest) for clip in range(config["batch_size"])]:
+        if clip is not None:
+            counts[clip] += 1
+        lengths.append(torch.tensor([min(count * hop, longest) for count in counts], dtype=torch.float))
+    return lengths
 
 
 def build_model(config: dict, text_folder: Path, device: str, lever: dict) -> RetrievalModel:
@@ -168,10 +189,14 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def window_total(model: RetrievalModel, batch: dict) -> int:
+    """The batch's real windows, counted from the clip lengths on the host."""
+    return model.audio_encoder.real_window_count(batch["audio"].shape[1], batch["host_length"])
+
+
 def training_step(model: RetrievalModel, optimizer, scaler, batch: dict, device: str, lever: dict) -> None:
     """As the Lightning module's step, which counts the real windows before the batch moves to the device."""
-    real_windows = (model.audio_encoder.real_window_count(batch["audio"].shape[1], batch["host_length"])
-                    if lever["count_on_host"] else None)
+    real_windows = window_total(model, batch) if lever["count_on_host"] else None
     with autocast(device, lever["precision"]):
         windows, mask = model.encode_audio(batch["audio"], batch["audio_length"], real_windows)
         scores = model.score(model.encode_text(batch["caption"]), windows, mask)
@@ -206,7 +231,8 @@ def model_flop_utilisation(samples_per_second: float, tflop_per_sample: float, d
     return samples_per_second * tflop_per_sample * 1e12 / peak if peak else None
 
 
-def time_training(model: RetrievalModel, lever: dict, warmup: list[dict], timed: list[dict], device: str) -> dict:
+def time_training(model: RetrievalModel, lever: dict, warmup: Iterable[dict], timed: list[dict],
+                  device: str) -> dict:
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=2e-5, fused=lever["fused_adamw"] and device == "cuda")
     scaler = torch.amp.GradScaler(device) if lever["precision"] == "fp16" and device == "cuda" else None
@@ -337,6 +363,17 @@ def compiled_error(model: RetrievalModel, config: dict, text_folder: Path, lever
     return float(torch.linalg.vector_norm(scores[0] - scores[1]) / torch.linalg.vector_norm(scores[1]))
 
 
+def window_totals(model: RetrievalModel, batches: list[dict]) -> set[int]:
+    return {window_total(model, batch) for batch in batches}
+
+
+def counting_totals(model: RetrievalModel, batches: Iterable[dict], totals: set[int]) -> Iterator[dict]:
+    """The batches, one at a time (made as they are needed), adding each one's total of real windows to `totals`."""
+    for batch in batches:
+        totals.add(window_total(model, batch))
+        yield batch
+
+
 def compilation_counts() -> dict[str, int]:
     """What torch.compile did so far: graphs compiled, graph breaks, graphs it could not replay as CUDA graphs
     (inductor logs the reason of each skip)."""
@@ -396,14 +433,21 @@ def bench_step(args: argparse.Namespace) -> None:
         model = build_model(config, text_folder, device, lever)
         model.load_state_dict(weights)
         lever_warmup = warmup * 3 if lever["compile"] else warmup  # compilation and graph capture in warm-up
+        if lever["compile"] and not lever["all_windows"]:  # shapes follow the window total: record every one first
+            lever_warmup = itertools.chain((random_batch(config["batch_size"], config["crop_seconds"], vocabulary,
+                                                         generator, device, seconds)
+                                            for seconds in every_window_total(config)), lever_warmup)
+        warmed_totals: set[int] = set()
         with mask_made_by(lever):
-            result = time_training(model, lever, lever_warmup, timed, device)
+            result = time_training(model, lever, counting_totals(model, lever_warmup, warmed_totals), timed, device)
         result["mfu"] = model_flop_utilisation(result["samples_per_second"], tflop_per_sample, device)
         if lever["compile"]:
             result.update(compilation_counts(),
                           error_vs_eager=compiled_error(model, config, text_folder, lever, timed[0], device),
                           random_draws_differ=draws_differ(model, lever, timed[0], device) if any(
                               config["patchout"]) else None)
+        if not lever["all_windows"]:
+            result["timed_window_totals_new"] = len(window_totals(model, timed) - warmed_totals)
         report({**common, "lever": name, "meaning": LEVER_MEANING[name], **result}, args.json)
         if name in args.evaluate_after:
             for eval_batch in args.eval_batches:

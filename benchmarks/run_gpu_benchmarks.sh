@@ -3,15 +3,15 @@
 # benchmarks/gpu_results). By default what one device command (at most 9.1 minutes) must bring: `fast_gpu` end to
 # end as shipped (on a fresh machine the HDF5 cache is written first and every kernel compiled), with 10 steps of
 # one more epoch profiled (does the real loop wait for the GPU, or the GPU for the host and the loader?), then, in
-# the time left, the CUDA-graph step, its error against eager and its profile. The step trains with the published
-# patchout since 2026-11-27; runs 1-4 did not (`--patchout 0 0` repeats them). AUTOTUNE=1 runs instead the one GPU
-# lever left untried, `max_autotune` (inductor chooses its matrix kernels by timing them; long compilation), against
-# the CUDA-graph step on the same machine, with its profile (at most 9.3 minutes). ALL=1 adds the figures of
-# RESULTS.md measured before (~15 minutes more): TAP's full-split scoring, `real_windows_graphs`, and `fast_gpu`
-# with only the real windows among them. LEARNING=1 runs, instead of all that, a command of its own (at most 9.7
-# minutes): does `fast_gpu` learn as the published settings (fp16 autocast, eager) do, on the TAP demo of a data
-# set it was never tuned on, seed by seed (benchmarks/bench_learning.py; on a CPU only its levers without CUDA
-# graphs could run).
+# the time left, the CUDA-graph step, its error against eager and its profile, then the real windows only under
+# CUDA graphs, warmed up on every window total. The step trains with the published patchout since 2026-11-27; runs
+# 1-4 did not (`--patchout 0 0` repeats them). AUTOTUNE=1 runs instead the one GPU lever left untried,
+# `max_autotune` (inductor chooses its matrix kernels by timing them; long compilation), against the CUDA-graph step
+# on the same machine, with its profile (at most 9.3 minutes). ALL=1 adds the figures of RESULTS.md measured before
+# (~15 minutes more): TAP's full-split scoring and `fast_gpu` with only the real windows among them. LEARNING=1
+# runs, instead of all that, a command of its own (at most 9.7 minutes): does `fast_gpu` learn as the published
+# settings (fp16 autocast, eager) do, on the TAP demo of a data set it was never tuned on, seed by seed
+# (benchmarks/bench_learning.py; on a CPU only its levers without CUDA graphs could run).
 # Each part has its own time limit, so a slow part cannot take the others' figures with it.
 set -u
 out=${1:-benchmarks/gpu_results}
@@ -37,12 +37,11 @@ if [ "${AUTOTUNE:-0}" = 1 ]; then
         --profile-file "$out/profile_max_autotune.txt"
 else
     timeout 370 "${fit[@]}" --profile-steps 10 fast_gpu  # writes the data set and cache first (cold: over 240 s)
-    timeout $((545 - SECONDS)) "${step[@]}" --levers cuda_graphs --evaluate-after \
-        --profile-after cuda_graphs --profile-file "$out/profile_cuda_graphs.txt"  # host- or GPU-bound?
+    timeout $((545 - SECONDS)) "${step[@]}" --levers cuda_graphs real_windows_graphs --evaluate-after \
+        --profile-after cuda_graphs --profile-file "$out/profile_cuda_graphs.txt"  # rows kept as each finishes
 fi
 if [ "${ALL:-0}" = 1 ]; then
     timeout 40 $python -m benchmarks.bench_tap_scoring --device cuda | tee "$out/tap_scoring.txt"
-    timeout 200 "${step[@]}" --levers real_windows_graphs --evaluate-after
     timeout 250 "${fit[@]}" fast_gpu audio_features.embed_all_windows=False
     timeout 200 "${step[@]}" --levers host_count all_windows mel_front_end on_device --evaluate-after
     timeout 170 "${fit[@]}" fast_gpu audio_features.augment_on_device=False sentence_features.padding=longest \

@@ -7,12 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.bench_stage1 import (CONFIGS, LEVERS, PUBLISHED, build_model, caption_vocabulary, draws_differ,
-                                     model_tflop_per_sample, random_batch, run_experiment)
+from benchmarks.bench_stage1 import (CONFIGS, LEVERS, PUBLISHED, build_model, caption_vocabulary, counting_totals,
+                                     draws_differ, every_window_total, model_tflop_per_sample, random_batch,
+                                     run_experiment)
 from benchmarks.kernel_breakdown import breakdown
 from data_loaders.demo_data import write_text_model
 from experiments.ex_dcase24 import ex
 from experiments.tracking import PROFILE_TRACE
+from models.audio.passt import SAMPLE_RATE
 
 
 @pytest.mark.parametrize("config_name, named_configs", [("baseline", []), ("demo", ["demo"])])
@@ -70,3 +72,19 @@ def test_fresh_patchout_draws_are_told_from_replayed_ones(tmp_path: Path, monkey
     monkeypatch.setattr(torch, "randperm", lambda size, **options: replayed[replayed < size].to(options.get("device")))
     assert not draws_differ(build_model(dict(CONFIGS["demo"], patchout=(2, 1)), text_folder, "cpu", settings),
                             settings, batch, "cpu")
+
+
+def test_the_warm_up_meets_every_window_total_a_batch_can_hold(tmp_path: Path):
+    """Batch 16 of 15-30 s clips in 10-s windows holds 32-48 real windows; each total needs its own CUDA graph."""
+    config = dict(CONFIGS["demo"], window_seconds=10, crop_seconds=None, batch_size=16)  # the baseline's windows
+    vocabulary = caption_vocabulary(50)
+    text_folder = write_text_model(tmp_path, vocabulary, **config["text"])
+    model = build_model(config, text_folder, "cpu", PUBLISHED)
+    generator = torch.Generator().manual_seed(0)
+    batches = [random_batch(16, None, vocabulary, generator, "cpu", seconds) for seconds in every_window_total(config)]
+    assert all(15 * SAMPLE_RATE <= batch["host_length"].min() and batch["host_length"].max() <= 30 * SAMPLE_RATE
+               for batch in batches)
+    totals: set[int] = set()
+    assert list(counting_totals(model, iter(batches), totals)) == batches
+    assert sorted(totals) == list(range(32, 49))
+    assert len(every_window_total(CONFIGS["demo"])) == 1  # 5-s crops in 5-s windows: one total
