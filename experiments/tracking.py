@@ -19,6 +19,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from sacred.observers import FileStorageObserver, MongoObserver
 from sacred.observers.mongo import parse_mongo_db_arg
 from sacred.utils import SacredInterrupt
+from torch.profiler import ProfilerActivity, profile
 
 from utils.checkpoints import LAST_CHECKPOINT
 from utils.distributed import is_rank_zero
@@ -229,8 +230,6 @@ class ProfiledSteps(L.Callback):
     def on_train_batch_start(self, trainer, module, batch, batch_index) -> None:
         last_epoch = trainer.current_epoch == trainer.max_epochs - 1
         if batch_index == self.first_batch and last_epoch and trainer.is_global_zero:
-            from torch.profiler import ProfilerActivity, profile
-
             _synchronize(module)
             cuda = [ProfilerActivity.CUDA] if module.device.type == "cuda" else []
             self._profiler = profile(activities=[ProfilerActivity.CPU, *cuda])
