@@ -70,6 +70,7 @@ from utils.metrics import retrieval_metrics
 
 CLOTHO_EVAL_CLIPS = 1045
 CAPTIONS_PER_CLIP = 5
+SHORTEST_CLIP_SECONDS, LONGEST_CLIP_SECONDS = 15, 30  # Clotho's clips, padded to the longest
 DENSE_BF16_PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}  # the vendors' dense tensor-core figures
 ROBERTA_LARGE = dict(hidden_size=1024, layers=24, attention_heads=16, intermediate_size=4096, vocab_size=50265)
 # `patchout`: the structured patchout (time columns, frequency rows dropped in training) of the experiment's defaults
@@ -124,11 +125,11 @@ def random_batch(batch_size: int, crop_seconds: float | None, vocabulary: list[s
     """Audio zero-padded to 30 s after a random 15-30 s length (or `seconds`), as the cache-backed loader delivers
     it."""
     if seconds is None:
-        seconds = torch.empty(batch_size).uniform_(15, 30, generator=generator)
+        seconds = torch.empty(batch_size).uniform_(SHORTEST_CLIP_SECONDS, LONGEST_CLIP_SECONDS, generator=generator)
     if crop_seconds:
         seconds = seconds.clamp(max=crop_seconds)
     lengths = (seconds * SAMPLE_RATE).long()
-    clip_samples = int(lengths.max()) if crop_seconds else 30 * SAMPLE_RATE
+    clip_samples = int(lengths.max()) if crop_seconds else LONGEST_CLIP_SECONDS * SAMPLE_RATE
     audio = torch.randn(batch_size, clip_samples, device=device) * 0.1
     audio *= torch.arange(clip_samples, device=device).unsqueeze(0) < lengths.to(device).unsqueeze(1)
     picks = torch.randint(len(vocabulary), (batch_size,), generator=generator)
@@ -142,8 +143,8 @@ def every_window_total(config: dict) -> list[torch.Tensor]:
     can give: every clip at its fewest windows, then one clip after another at one window more, up to every clip at
     its most. An epoch meets each total sooner or later, and a lever whose shapes follow the total compiles and
     records a CUDA graph for each new one, once; warmed up on these, its timed steps measure what a run then gets."""
-    hop, longest = config["window_seconds"], min(30, config["crop_seconds"] or 30)
-    fewest, most = math.ceil(15 / hop), math.ceil(longest / hop)
+    hop, longest = config["window_seconds"], min(LONGEST_CLIP_SECONDS, config["crop_seconds"] or LONGEST_CLIP_SECONDS)
+    fewest, most = math.ceil(SHORTEST_CLIP_SECONDS / hop), math.ceil(longest / hop)
     counts, lengths = [fewest] * config["batch_size"], []
     for clip in [None] + [clip for _ in range(most - fewest) for clip in range(config["batch_size"])]:
         if clip is not None:
@@ -363,10 +364,6 @@ def compiled_error(model: RetrievalModel, config: dict, text_folder: Path, lever
     return float(torch.linalg.vector_norm(scores[0] - scores[1]) / torch.linalg.vector_norm(scores[1]))
 
 
-def window_totals(model: RetrievalModel, batches: list[dict]) -> set[int]:
-    return {window_total(model, batch) for batch in batches}
-
-
 def counting_totals(model: RetrievalModel, batches: Iterable[dict], totals: set[int]) -> Iterator[dict]:
     """The batches, one at a time (made as they are needed), adding each one's total of real windows to `totals`."""
     for batch in batches:
@@ -447,7 +444,7 @@ def bench_step(args: argparse.Namespace) -> None:
                           random_draws_differ=draws_differ(model, lever, timed[0], device) if any(
                               config["patchout"]) else None)
         if not lever["all_windows"]:
-            result["timed_window_totals_new"] = len(window_totals(model, timed) - warmed_totals)
+            result["timed_window_totals_new"] = len({window_total(model, batch) for batch in timed} - warmed_totals)
         report({**common, "lever": name, "meaning": LEVER_MEANING[name], **result}, args.json)
         if name in args.evaluate_after:
             for eval_batch in args.eval_batches:
@@ -474,7 +471,7 @@ def write_noise_dataset(folder: Path, clips: dict[str, int], text: dict | None, 
         rows = []
         for index in range(count):
             name = f"{split}_{index:05d}.wav"
-            samples = int(rng.uniform(15, 30) * SAMPLE_RATE)
+            samples = int(rng.uniform(SHORTEST_CLIP_SECONDS, LONGEST_CLIP_SECONDS) * SAMPLE_RATE)
             soundfile.write(audio_folder / name, rng.integers(-3000, 3000, samples, dtype=np.int16), SAMPLE_RATE,
                             subtype="PCM_16")
             rows.append([name, *(vocabulary[i] for i in rng.integers(len(vocabulary), size=CAPTIONS_PER_CLIP))])
