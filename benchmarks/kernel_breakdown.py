@@ -1,12 +1,15 @@
-"""Where a profiled step's GPU time goes, by kind of kernel, read from the Chrome trace that torch.profiler exports.
+"""Where a profiled step's GPU time goes, by kind of kernel, and what the host was doing while the GPU idled, read
+from the Chrome trace that torch.profiler exports.
 
 The profiler's operator table cannot answer this: its self-CUDA column also credits each kernel to the annotations
 around it (a compiled graph, the optimiser step), so its rows add up to more than the GPU worked. The trace lists
-every kernel, copy and memset once, with its start and duration in microseconds.
+every kernel, copy and memset once, with its start and duration in microseconds, and every host operation with its
+thread.
 """
 from __future__ import annotations
 
 import gzip
+import heapq
 import json
 from pathlib import Path
 
@@ -22,6 +25,8 @@ KERNEL_CLASSES = (
 )
 COPIES = "memory copies and sets"
 OTHER = "other kernels"
+HOST_CATEGORIES = ("cpu_op", "user_annotation", "cuda_runtime")
+NO_OPERATION = "no operation (Python between operations: Lightning, callbacks, the module's own code)"
 
 
 def kernel_class(name: str, category: str) -> str:
@@ -49,21 +54,75 @@ def milliseconds_by_class(events: list[dict], steps: int) -> dict[str, float]:
     return dict(sorted(totals.items(), key=lambda item: -item[1]))
 
 
-def busy_milliseconds(events: list[dict], steps: int) -> float:
-    """Milliseconds per step in which the GPU ran anything: overlapping events (several streams) count once."""
-    busy, covered_until = 0.0, float("-inf")
+def busy_intervals(events: list[dict]) -> list[tuple[float, float]]:
+    """The times in which the GPU ran anything, overlapping events (several streams) merged."""
+    merged: list[list[float]] = []
     for start, end in sorted((event["ts"], event["ts"] + event["dur"]) for event in events):
-        if end > covered_until:
-            busy += end - max(start, covered_until)
-            covered_until = end
-    return busy / 1000 / steps
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return [(start, end) for start, end in merged]
 
 
-def breakdown(trace_path: Path, steps: int, step_milliseconds: float) -> str:
-    """A few lines for the profile's text: the GPU's busy time against the step's, then each kind of kernel."""
+def busy_milliseconds(events: list[dict], steps: int) -> float:
+    """Milliseconds per step in which the GPU ran anything: overlapping events count once."""
+    return sum(end - start for start, end in busy_intervals(events)) / 1000 / steps
+
+
+def innermost_host_operations(trace: dict) -> list[tuple[float, float, str]]:
+    """(start, end, name) pieces of time, each named by the shortest host operation running then on a thread that
+    launches GPU work (the training loop's, and autograd's for the backward pass); none where none ran."""
+    launchers = {(event.get("pid"), event.get("tid")) for event in trace.get("traceEvents", [])
+                 if event.get("cat") == "cuda_runtime"}
+    operations = sorted((event["ts"], event["ts"] + event["dur"], event["name"])
+                        for event in trace.get("traceEvents", [])
+                        if event.get("ph") == "X" and event.get("cat") in HOST_CATEGORIES
+                        and (event.get("pid"), event.get("tid")) in launchers)
+    boundaries = sorted({time for start, end, _ in operations for time in (start, end)})
+    pieces, running, next_operation = [], [], 0
+    for start, end in zip(boundaries, boundaries[1:]):
+        while next_operation < len(operations) and operations[next_operation][0] <= start:
+            begins, ends, name = operations[next_operation]
+            heapq.heappush(running, (ends - begins, ends, name))
+            next_operation += 1
+        while running and running[0][1] <= start:  # ended; a longer ended one is dropped when it comes on top
+            heapq.heappop(running)
+        if running:
+            pieces.append((start, end, running[0][2]))
+    return pieces
+
+
+def idle_milliseconds_by_host_operation(trace: dict, steps: int) -> dict[str, float]:
+    """GPU idle milliseconds per step between its first and its last work, by what the host was running meanwhile
+    (`innermost_host_operations`), largest first: what the GPU waited for."""
+    busy = busy_intervals(device_events(trace))
+    gaps = [(end, next_start) for (_, end), (next_start, _) in zip(busy, busy[1:])]
+    totals: dict[str, float] = {}
+    pieces, first_piece = innermost_host_operations(trace), 0
+    for gap_start, gap_end in gaps:
+        named = 0.0
+        while first_piece < len(pieces) and pieces[first_piece][1] <= gap_start:
+            first_piece += 1
+        piece = first_piece
+        while piece < len(pieces) and pieces[piece][0] < gap_end:
+            start, end, name = pieces[piece]
+            overlap = min(end, gap_end) - max(start, gap_start)
+            totals[name] = totals.get(name, 0.0) + overlap
+            named += overlap
+            piece += 1
+        totals[NO_OPERATION] = totals.get(NO_OPERATION, 0.0) + (gap_end - gap_start - named)
+    per_step = {name: microseconds / 1000 / steps for name, microseconds in totals.items() if microseconds > 0}
+    return dict(sorted(per_step.items(), key=lambda item: -item[1]))
+
+
+def breakdown(trace_path: Path, steps: int, step_milliseconds: float, rows: int = 8) -> str:
+    """A few lines for the profile's text: the GPU's busy time against the step's, each kind of kernel, and the
+    host operations the GPU's idle time fell in."""
     opener = gzip.open if trace_path.suffix == ".gz" else open
     with opener(trace_path, "rt") as handle:
-        events = device_events(json.load(handle))
+        trace = json.load(handle)
+    events = device_events(trace)
     if not events:
         return f"no GPU work in {trace_path.name}\n"
     busy = busy_milliseconds(events, steps)
@@ -71,4 +130,7 @@ def breakdown(trace_path: Path, steps: int, step_milliseconds: float) -> str:
              f"({busy / step_milliseconds:.0%}; from {trace_path.name})"]
     lines += [f"  {milliseconds:7.2f} ms  {label}"
               for label, milliseconds in milliseconds_by_class(events, steps).items()]
+    idle = idle_milliseconds_by_host_operation(trace, steps)
+    lines.append(f"GPU idle {sum(idle.values()):.1f} ms per step between its first and last work, while the host ran:")
+    lines += [f"  {milliseconds:7.2f} ms  {name}" for name, milliseconds in list(idle.items())[:rows]]
     return "\n".join(lines) + "\n"

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.kernel_breakdown import breakdown, busy_milliseconds, kernel_class, milliseconds_by_class
+from benchmarks.kernel_breakdown import (NO_OPERATION, breakdown, busy_milliseconds,
+                                        idle_milliseconds_by_host_operation, kernel_class, milliseconds_by_class)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,6 +49,26 @@ def test_overlapping_device_work_counts_once_and_time_is_per_step():
                               "memory copies and sets"]
 
 
+def host(name: str, start: float, duration: float, category: str = "cpu_op", thread: int = 1) -> dict:
+    return {"ph": "X", "cat": category, "name": name, "ts": start, "dur": duration, "pid": 7, "tid": thread}
+
+
+def test_the_gpus_idle_time_is_named_by_the_innermost_host_operation_of_the_launching_threads():
+    """Kernels at 0-10, 20-30 and 50-60 ms leave two gaps: 10-20 (the loader for 6 ms of it) and 30-50 (the optimiser
+    step's annotation, with a copy inside it for 4 ms); the pinning thread launches nothing and is not asked."""
+    trace = {"traceEvents": [
+        kernel("nvjet_a", 0, 10_000), kernel("nvjet_b", 20_000, 10_000), kernel("nvjet_c", 50_000, 10_000),
+        host("cudaLaunchKernel", 0, 1_000, "cuda_runtime"),
+        host("enumerate(DataLoader)#_MultiProcessingDataLoaderIter.__next__", 12_000, 6_000, "user_annotation"),
+        host("Optimizer.step#AdamW.step", 30_000, 18_000, "user_annotation"),
+        host("aten::copy_", 32_000, 4_000),
+        host("aten::pin_memory", 10_000, 10_000, thread=2)]}
+    idle = idle_milliseconds_by_host_operation(trace, steps=2)
+    loader = "enumerate(DataLoader)#_MultiProcessingDataLoaderIter.__next__"
+    assert idle == pytest.approx({"Optimizer.step#AdamW.step": 7.0, loader: 3.0, NO_OPERATION: 3.0, "aten::copy_": 2.0})
+    assert list(idle)[0] == "Optimizer.step#AdamW.step"
+
+
 def test_the_breakdown_reads_a_gzipped_trace_and_ignores_host_events(tmp_path: Path):
     trace = {"traceEvents": [kernel("nvjet_a", 0, 30_000), kernel("sdpa_flash_fprop", 30_000, 10_000),
                              kernel("aten::mm", 0, 45_000, "cpu_op"),
@@ -58,6 +79,7 @@ def test_the_breakdown_reads_a_gzipped_trace_and_ignores_host_events(tmp_path: P
     text = breakdown(path, steps=2, step_milliseconds=25.0)
     assert text.splitlines()[0].startswith("GPU busy 20.0 ms of 25.0 ms per step under the profiler (80%")
     assert "15.00 ms  matrix products" in text and "5.00 ms  attention" in text
+    assert "GPU idle 0.0 ms per step between its first and last work" in text  # back to back: no gap
     (tmp_path / "cpu.trace.json").write_text(json.dumps({"traceEvents": [kernel("aten::mm", 0, 5, "cpu_op")]}))
     assert breakdown(tmp_path / "cpu.trace.json", steps=1, step_milliseconds=1.0) == "no GPU work in cpu.trace.json\n"
 
