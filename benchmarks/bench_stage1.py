@@ -99,8 +99,9 @@ LEVER_CHANGES = {
     "real_windows_graphs": (dict(all_windows=False), "+ only the real windows again, their number varying (the "
                             "encoder compiled with it as a symbol; one CUDA graph per number, each recorded in "
                             "warm-up)"),
-    "max_autotune": (dict(compile="max-autotune"),
-                     "+ matrix kernels chosen by timing (mode max-autotune, CUDA graphs too)"),
+    "max_autotune": (dict(compile="max-autotune", all_windows=True),  # on cuda_graphs, not real_windows_graphs
+                     "+ matrix kernels chosen by timing (mode max-autotune, CUDA graphs too; every window embedded, "
+                     "as in cuda_graphs)"),
 }
 
 

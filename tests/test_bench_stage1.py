@@ -88,3 +88,9 @@ def test_the_warm_up_meets_every_window_total_a_batch_can_hold(tmp_path: Path):
     assert list(counting_totals(model, iter(batches), totals)) == batches
     assert sorted(totals) == list(range(32, 49))
     assert len(every_window_total(CONFIGS["demo"])) == 1  # 5-s crops in 5-s windows: one total
+
+
+def test_autotune_differs_from_the_cuda_graph_step_in_its_compile_mode_alone():
+    """AUTOTUNE=1 times these two against each other; `real_windows_graphs`, listed between them, must not leak in."""
+    changed = {key for key in LEVERS["cuda_graphs"] if LEVERS["cuda_graphs"][key] != LEVERS["max_autotune"][key]}
+    assert changed == {"compile"}
