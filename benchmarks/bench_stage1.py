@@ -517,9 +517,8 @@ def bench_fit(args: argparse.Namespace) -> None:
     tflop_per_sample = model_tflop_per_sample(config, folder / TEXT_MODEL_FOLDER, batches, device)
     rate = logged.get("time/train_samples_per_second")
     report({"command": "fit", "config": args.config, "machine": machine(device), "patchout": config["patchout"],
-            "clips": args.clips,
-            "epochs": args.epochs, "settings": args.settings, "workers": args.workers, **logged,
-            "model_tflop_per_sample": tflop_per_sample,
+            "clips": args.clips, "epochs": args.epochs, "profile_steps": args.profile_steps,
+            "settings": args.settings, "workers": args.workers, **logged, "model_tflop_per_sample": tflop_per_sample,
             "mfu": model_flop_utilisation(rate, tflop_per_sample, device) if rate else None}, args.json)
 
 
