@@ -296,6 +296,11 @@ def time_evaluation(model: RetrievalModel, clips: int, batch_size: int, vocabula
     return time.perf_counter() - start
 
 
+def trace_beside(summary: Path) -> Path:
+    """Where a profile's whole trace is written: beside its text summary, for chrome://tracing or Perfetto."""
+    return summary.with_suffix(".trace.json.gz")
+
+
 def profile_training(model: RetrievalModel, lever: dict, batches: list[dict], device: str, path: str) -> None:
     """Where a step's time goes, written to `path`: the GPU's busy time and its kinds of kernel, then the operators by
     device time and by host time; the whole trace beside it (`.trace.json.gz`, for chrome://tracing or Perfetto)."""
@@ -313,7 +318,7 @@ def profile_training(model: RetrievalModel, lever: dict, batches: list[dict], de
         synchronize(device)
     wall = time.perf_counter() - start
     steps = len(batches) - 1
-    trace_path = Path(path).with_suffix(".trace.json.gz")
+    trace_path = trace_beside(Path(path))
     trace_path.parent.mkdir(parents=True, exist_ok=True)
     profiler.export_chrome_trace(str(trace_path))
     averages = profiler.key_averages()
@@ -510,7 +515,7 @@ def bench_fit(args: argparse.Namespace) -> None:
                             step_milliseconds=logged["time/profiled_step_ms"])
         print(summary, end="", flush=True)
         profile_file.write_text(summary)
-        shutil.copyfile(run_folder / PROFILE_TRACE, profile_file.with_suffix(".trace.json.gz"))
+        shutil.copyfile(run_folder / PROFILE_TRACE, trace_beside(profile_file))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     generator = torch.Generator().manual_seed(0)  # whole clips of 15-30 s and captions, as in the data set
     batches = [random_batch(config["batch_size"], None, caption_vocabulary(2000), generator, device) for _ in range(4)]

@@ -132,7 +132,7 @@ def default_config():
     strategy = "auto"  # Lightning strategy: auto (DDP when devices > 1) | ddp | ddp_spawn | ...
     log_every_n_steps = 50
     profile_steps = 0  # >0: trace this many training steps of the last epoch (from its batch 10) with torch.profiler
-    # into <run folder>/profile.trace.json.gz; time/profiled_step_ms logs their wall time (README, "Training speed on one GPU")
+    # into <run folder>/profile.trace.json.gz; time/profiled_step_ms logs their wall time (README, "Settings")
     monitor = "mAP@10"  # validation metric that picks the best checkpoint
     test_weights = "last"  # last: the weights after the last epoch (published) | best: the best-validation checkpoint
     require_gpu = False  # stop before training if no CUDA GPU is visible
