@@ -161,8 +161,11 @@ def _synchronize(module: L.LightningModule) -> None:
 class Throughput(L.Callback):
     """Per epoch: training captions per second (of all ranks) after `warmup_batches` (allocation, kernel selection
     and compilation happen there), the epoch's training seconds without its validation, and the validation seconds,
-    logged as `time/*`; on a GPU also the epoch's peak of allocated memory (`memory/peak_gpu_gib`, this rank's).
-    Synchronises the device only at those few boundaries, never per step."""
+    logged as `time/*`; on a GPU also this rank's peak memory of the epoch, twice: what the allocator handed to tensors
+    (`memory/peak_gpu_gib`) and what the process held from the GPU (`memory/peak_gpu_reserved_gib`). Replayed CUDA
+    graphs run in memory their recording reserved and allocate nothing, so under `compile_mode=reduce-overhead` only
+    the reserved figure counts their activations: size a GPU by it. Synchronises the device only at those few
+    boundaries, never per step."""
 
     def __init__(self, warmup_batches: int = WARMUP_BATCHES):
         self.warmup_batches = warmup_batches
@@ -207,6 +210,7 @@ class Throughput(L.Callback):
             module.log("time/train_samples_per_second", self._steady_samples / steady_seconds)
         if module.device.type == "cuda":
             module.log("memory/peak_gpu_gib", torch.cuda.max_memory_allocated(module.device) / 2**30)
+            module.log("memory/peak_gpu_reserved_gib", torch.cuda.max_memory_reserved(module.device) / 2**30)
 
 
 class ProfiledSteps(L.Callback):

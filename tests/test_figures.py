@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from benchmarks.bench_stage1 import lever_rows, plot_levers
+from benchmarks.bench_stage1 import bar_label, lever_rows, plot_levers
 from utils.figures import logged_curves, pyplot, save_figure, save_training_curves
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -33,6 +33,8 @@ def test_lever_chart_takes_the_timed_rows_of_a_step_json(tmp_path):
     assert [row["lever"] for row in timed] == ["published", "cuda_graphs"]
     plot_levers(timed, tmp_path / "levers.png", target=400)
     assert (tmp_path / "levers.png").read_bytes()[:8] == PNG
+    assert bar_label(timed[0]) == "70.0/s, MFU 5.5%, 26.1 GiB allocated"
+    assert bar_label({**timed[1], "peak_memory_gib": 7.6, "peak_reserved_gib": 19.31}) == "300.0/s, 19.3 GiB reserved"
     (tmp_path / "empty.jsonl").write_text(json.dumps(rows[1]) + "\n")
     with pytest.raises(SystemExit, match="empty.jsonl: no timed lever rows"):
         lever_rows(tmp_path / "empty.jsonl")

@@ -325,14 +325,16 @@ def test_throughput_counts_steady_training_samples_and_leaves_validation_out(tmp
     assert metrics["time/train_epoch_seconds"] == pytest.approx(14 * 0.02)  # validation left out
 
 
-def test_throughput_logs_each_epochs_own_peak_of_gpu_memory(monkeypatch):
+def test_throughput_logs_each_epochs_own_peaks_of_gpu_memory(monkeypatch):
     """The hooks called as Lightning calls them on a GPU, with the CUDA memory counters played by a fake."""
     from types import SimpleNamespace
 
-    allocated = {"peak": 7 * 2**30}
+    allocated, reserved = {"peak": 7 * 2**30}, {"peak": 9 * 2**30}
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
-    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: allocated.update(peak=0))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats",
+                        lambda device=None: (allocated.update(peak=0), reserved.update(peak=0)))
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: allocated["peak"])
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: reserved["peak"])
     logged = {}
     module = SimpleNamespace(device=torch.device("cuda", 0), log=lambda key, value: logged.update({key: value}))
     trainer = SimpleNamespace(world_size=1, sanity_checking=False)
@@ -341,9 +343,11 @@ def test_throughput_logs_each_epochs_own_peak_of_gpu_memory(monkeypatch):
         throughput.on_train_epoch_start(trainer, module)
         throughput.on_train_batch_start(trainer, module, {"clip_index": torch.arange(4)}, 0)
         allocated["peak"] = max(allocated["peak"], epoch_peak)
+        reserved["peak"] = max(reserved["peak"], 2 * epoch_peak)  # CUDA graphs' pools: held, never allocated
         throughput.on_train_batch_end(trainer, module, None, {"clip_index": torch.arange(4)}, 0)
         throughput.on_train_epoch_end(trainer, module)
         assert logged["memory/peak_gpu_gib"] == epoch_peak / 2**30
+        assert logged["memory/peak_gpu_reserved_gib"] == 2 * epoch_peak / 2**30
 
 
 def test_half_precision_weights_cannot_take_a_small_step():
