@@ -280,17 +280,18 @@ def time_evaluation(model: RetrievalModel, clips: int, batch_size: int, vocabula
     """Seconds for one full-split evaluation as the Lightning module does it: clips in batches with their captions,
     then every caption against every clip, then the metrics."""
     model.eval()
+    clips_to, captions_to = (batch_size, batch_size * CAPTIONS_PER_CLIP) if model.compiled else (None, None)
     synchronize(device)
     start = time.perf_counter()
     texts, all_windows, all_masks = [], [], []
     with autocast(device, precision):
         for first in range(0, clips, batch_size):
             batch = random_batch(min(batch_size, clips - first), None, vocabulary, generator, device)
-            windows, mask = model.encode_audio(batch["audio"], batch["audio_length"])
+            windows, mask = model.encode_audio(batch["audio"], batch["audio_length"], pad_to=clips_to)
             all_windows.append(windows.float())
             all_masks.append(mask)
             captions = [caption for caption in batch["caption"] for _ in range(CAPTIONS_PER_CLIP)]
-            texts.append(model.encode_text(captions).float())
+            texts.append(model.encode_text(captions, pad_to=captions_to).float())
     caption_clip = torch.arange(clips, device=device).repeat_interleave(CAPTIONS_PER_CLIP)
     scores = model.pooling.rank_split(torch.cat(texts), torch.cat(all_windows), torch.cat(all_masks), caption_clip)
     retrieval_metrics(scores, caption_clip)

@@ -59,6 +59,7 @@ class RetrievalModule(L.LightningModule):
         self.multi_match = multi_match  # the test split's DCASE 2025 annotations: test also logs <prefix>_multi/*
         self.test_prefix = "test"  # the metrics' prefix of the next test run (e.g. test_best for a second one)
         self._evaluation: list[dict[str, torch.Tensor]] = []
+        self._evaluation_shape = (0, 0)  # the most clips and captions an evaluation batch has held
 
     def parameter_groups(self) -> list[dict]:
         """One AdamW group per component, each with its own peak learning rate; frozen parts left out."""
@@ -123,11 +124,17 @@ class RetrievalModule(L.LightningModule):
         return loss
 
     def _evaluation_step(self, batch: dict) -> None:
-        windows, mask = self.model.encode_audio(batch["audio"], batch["audio_length"], batch["real_windows"])
         captions = [caption for captions in batch["captions"] for caption in captions]
+        self._evaluation_shape = (max(self._evaluation_shape[0], len(batch["clip_index"])),
+                                  max(self._evaluation_shape[1], len(captions)))
+        # Compiled encoders see every batch at the largest shape: a split's last, smaller batch would compile
+        # both of them again, and record new CUDA graphs, in the run's first evaluation.
+        clips_to, captions_to = self._evaluation_shape if self.model.compiled else (None, None)
+        windows, mask = self.model.encode_audio(batch["audio"], batch["audio_length"], batch["real_windows"],
+                                                pad_to=clips_to)
         first_row = sum(len(step["clip_index"]) for step in self._evaluation)
         self._evaluation.append({"windows": windows.float(), "mask": mask, "clip_index": batch["clip_index"],
-                                 "text": self.model.encode_text(captions).float(),
+                                 "text": self.model.encode_text(captions, pad_to=captions_to).float(),
                                  "caption_row": batch["caption_clip"] + first_row})
 
     def _evaluation_end(self, prefix: str) -> dict[str, float]:

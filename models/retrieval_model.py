@@ -31,17 +31,29 @@ class RetrievalModel(nn.Module):
         self.text_projection = projection_head(text_encoder.output_size, shared_representation_size, text_projection)
         self.pooling = pooling
         self.tau = nn.Parameter(torch.tensor(float(initial_tau)), requires_grad=not freeze_tau)
+        self.compiled = False  # set by compile_encoders: then a batch of a new shape costs a compilation
 
-    def encode_audio(self, audio: torch.Tensor, audio_length: torch.Tensor,
-                     real_windows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_audio(self, audio: torch.Tensor, audio_length: torch.Tensor, real_windows: int | None = None,
+                     pad_to: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(batch, samples) -> projected windows (batch, windows, shared) and their mask (batch, windows).
-        `real_windows`: the audio encoder's `real_window_count` of the batch, where known."""
+        `real_windows`: the audio encoder's `real_window_count` of the batch, where known. `pad_to`: clips the
+        encoder sees, silent ones of length 0 added (the same result: clips are embedded independently)."""
+        clips = audio.shape[0]
+        padding = max(0, (pad_to or 0) - clips)
+        if padding:
+            audio = torch.cat((audio, audio.new_zeros(padding, audio.shape[1])))
+            audio_length = torch.cat((audio_length, audio_length.new_zeros(padding)))
         windows, mask = self.audio_encoder(audio, audio_length, real_windows)
+        if padding:
+            windows, mask = windows[:clips], mask[:clips]
         return self.audio_projection(windows), mask
 
-    def encode_text(self, captions: list[str]) -> torch.Tensor:
-        """captions -> (captions, shared)."""
-        return self.text_projection(self.text_encoder(captions))
+    def encode_text(self, captions: list[str], pad_to: int | None = None) -> torch.Tensor:
+        """captions -> (captions, shared). `pad_to`: captions the encoder sees, empty ones added (the same result)."""
+        padding = max(0, (pad_to or 0) - len(captions))
+        if not padding:
+            return self.text_projection(self.text_encoder(captions))
+        return self.text_projection(self.text_encoder(captions + [""] * padding)[:len(captions)])
 
     def score(self, text: torch.Tensor, windows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Similarity logits (captions, clips), divided by the temperature."""
@@ -60,6 +72,7 @@ class RetrievalModel(nn.Module):
             raise ValueError(f"compile_mode={mode!r} is not one of {', '.join(COMPILE_MODES)}")
         self.audio_encoder.compile_transformer(backend, mode)
         self.text_encoder.compile_transformer(backend, mode)
+        self.compiled = True
 
     def temperature(self) -> torch.Tensor:
         return self.tau.clamp(min=1e-4)

@@ -146,6 +146,36 @@ def test_fixed_shapes_compile_each_encoder_once_while_captions_and_clips_vary(da
     torch._dynamo.reset()
 
 
+def test_compiled_evaluation_compiles_each_encoder_once_and_scores_as_eager(data_dir):
+    """A split's last batch is smaller; compiled encoders see it padded to the first batch's shape (silent clips,
+    empty captions), which changes nothing in what is kept."""
+    from data_loaders.data_loader import pad_collate
+
+    torch._dynamo.reset()
+    graphs = []
+    eager = demo_model(data_dir, **FIXED_SHAPES).eval()
+    compiled = demo_model(data_dir, **FIXED_SHAPES).eval()
+    compiled.load_state_dict(eager.state_dict())
+    compiled.compile_encoders(backend=lambda graph, example_inputs: graphs.append(graph) or graph.forward)
+    modules = [RetrievalModule(model, optimisation=None) for model in (eager, compiled)]
+    generator = torch.Generator().manual_seed(0)
+    counts = []
+    for first_clip, seconds in ((0, (30, 12, 20)), (3, (25, 30, 8)), (6, (17, 9))):  # 8 clips in batches of 3
+        items = [{"audio": torch.randn(second * 32000, generator=generator) * 0.1, "clip_index": first_clip + row,
+                  "captions": [f"a dog barks {first_clip + row}", "rain falls on a tin roof"]}
+                 for row, second in enumerate(seconds)]
+        for module in modules:
+            with torch.no_grad():
+                module.validation_step(module.on_before_batch_transfer(pad_collate(items, 30 * 32000), 0), 0)
+        counts.append(len(graphs))
+    assert counts == [counts[0]] * 3 and counts[0] >= 2  # both encoders compiled by the first batch, never again
+    for key in ("windows", "mask", "text", "caption_row"):
+        outputs = [torch.cat([step[key] for step in module._evaluation]) for module in modules]
+        assert outputs[1].shape == outputs[0].shape and torch.allclose(*outputs, atol=1e-5), key
+    assert len(outputs[0]) == 16  # the last batch's 2 clips x 2 captions, not the padded 3 x 2
+    torch._dynamo.reset()
+
+
 def test_counted_real_windows_compile_the_audio_encoder_twice_however_their_number_varies(data_dir):
     """The premise of the `real_windows_graphs` lever (benchmarks/bench_stage1.py): only the real windows embedded,
     their number counted on the host. The first count compiles a graph of fixed shapes, the second a graph with the
