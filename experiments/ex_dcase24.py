@@ -25,8 +25,8 @@ from data_loaders.data_loader import data_loader, get_data_loader, get_dataset
 from data_loaders.stored_embeddings import EmbeddingSource, load_stored_embeddings, write_embeddings
 from experiments.config_schema import LEARNING_RATE_KEYS, TEST_WEIGHTS, validate_config
 from experiments.retrieval_module import OptimisationSettings, RetrievalModule
-from experiments.tracking import (PROFILE_TRACE, RUN_FOLDER_VARIABLE, BestCheckpoint, LastEpochCheckpoint,
-                                  ProfiledSteps, SacredMetrics, Throughput, TrainingProgressBar,
+from experiments.tracking import (PROFILE_TRACE, RUN_FOLDER_VARIABLE, BestCheckpoint, FileCheckpointIO,
+                                  LastEpochCheckpoint, ProfiledSteps, SacredMetrics, Throughput, TrainingProgressBar,
                                   fit_recording_interrupts, last_checkpoint, prepare_observer_options,
                                   route_mongo_failures)
 from models.audio.passt import PasstEncoder, pretrained_weights_path
@@ -354,8 +354,7 @@ def build_trainer(folder: Path, max_epochs: int, precision, accumulate_grad_batc
                                 LearningRateMonitor(logging_interval="step"), Throughput(),
                                 SacredMetrics(_run), TrainingProgressBar(refresh_rate=PROGRESS_BAR_REFRESH_STEPS),
                                 *profiled],
-                     log_every_n_steps=log_every_n_steps,
-                     num_sanity_val_steps=0)
+                     plugins=[FileCheckpointIO()], log_every_n_steps=log_every_n_steps, num_sanity_val_steps=0)
 
 
 @ex.capture

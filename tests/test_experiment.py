@@ -5,6 +5,7 @@ import io
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import lightning as L
@@ -271,6 +272,42 @@ def test_last_checkpoint_holds_the_last_epoch_when_validation_got_worse(tmp_path
     assert Path(last).name == "last.ckpt" and Path(best).name == "best-epoch=00.ckpt"
     assert torch.load(last, weights_only=False)["epoch"] == 2 and torch.load(best, weights_only=False)["epoch"] == 0
     assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == ["best-epoch=00.ckpt", "last.ckpt"]
+
+
+def test_each_epoch_logs_the_time_its_checkpoints_took_written_straight_to_a_file(tmp_path, monkeypatch):
+    real_save, targets = torch.save, []
+
+    def slow_save(state, target, *args, **kwargs):
+        targets.append(target)
+        time.sleep(0.15)
+        real_save(state, target, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", slow_save)
+    fit_falling(tmp_path, max_epochs=2)
+    with open(tmp_path / "logs" / "version_0" / "metrics.csv") as handle:
+        seconds = {int(row["epoch"]): float(row["time/checkpoint_seconds"]) for row in csv.DictReader(handle)
+                   if row["time/checkpoint_seconds"]}
+    assert 0.3 <= seconds[0] < 0.45  # best-epoch=00.ckpt and last.ckpt
+    assert 0.15 <= seconds[1] < 0.3  # validation fell: last.ckpt alone
+    # pickled into a temporary sibling of each checkpoint, not into memory first (Lightning's own way)
+    assert [Path(target).parent for target in targets] == [tmp_path / "checkpoints"] * 3
+    assert all(Path(target).name.startswith((".best-epoch=00.ckpt.", ".last.ckpt.")) for target in targets)
+
+
+def test_a_checkpoint_write_that_fails_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    from experiments.tracking import FileCheckpointIO
+
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    FileCheckpointIO().save_checkpoint({"epoch": 0}, path)
+
+    def disk_full(state, target, *args, **kwargs):
+        Path(target).write_bytes(b"half a checkpoint")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        FileCheckpointIO().save_checkpoint({"epoch": 1}, path)
+    assert torch.load(path)["epoch"] == 0 and os.listdir(path.parent) == ["last.ckpt"]
 
 
 def test_a_run_resumed_into_a_new_folder_keeps_the_best_epoch_before_the_interruption(tmp_path):
