@@ -279,7 +279,7 @@ def test_each_epoch_logs_the_time_its_checkpoints_took_written_straight_to_a_fil
 
     def slow_save(state, target, *args, **kwargs):
         targets.append(target)
-        time.sleep(0.15)
+        time.sleep(0.5)
         real_save(state, target, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", slow_save)
@@ -287,8 +287,8 @@ def test_each_epoch_logs_the_time_its_checkpoints_took_written_straight_to_a_fil
     with open(tmp_path / "logs" / "version_0" / "metrics.csv") as handle:
         seconds = {int(row["epoch"]): float(row["time/checkpoint_seconds"]) for row in csv.DictReader(handle)
                    if row["time/checkpoint_seconds"]}
-    assert 0.3 <= seconds[0] < 0.45  # best-epoch=00.ckpt and last.ckpt
-    assert 0.15 <= seconds[1] < 0.3  # validation fell: last.ckpt alone
+    assert 1.0 <= seconds[0] < 1.5  # best-epoch=00.ckpt and last.ckpt
+    assert 0.5 <= seconds[1] < 1.0  # validation fell: last.ckpt alone
     # pickled into a temporary sibling of each checkpoint, not into memory first (Lightning's own way)
     assert [Path(target).parent for target in targets] == [tmp_path / "checkpoints"] * 3
     assert all(Path(target).name.startswith((".best-epoch=00.ckpt.", ".last.ckpt.")) for target in targets)
