@@ -112,7 +112,8 @@ def route_mongo_failures(run, folder: Path) -> None:
 class SacredMetrics(L.Callback):
     """Per-epoch metrics into the Sacred run (`log_scalar`), under the Lightning log names; `train/loss` is the mean
     of the epoch's logged batch losses (not of the step outputs, which Lightning divides by the accumulated
-    batches)."""
+    batches). An epoch's checkpoints are written after this callback's epoch end, so their time goes in when the
+    next epoch starts, or training ends."""
 
     def __init__(self, run):
         self.run = run
@@ -134,8 +135,20 @@ class SacredMetrics(L.Callback):
 
     def _log_prefixed(self, trainer, prefix: str) -> None:
         for name, value in trainer.callback_metrics.items():
-            if name.startswith(prefix):
+            if name.startswith(prefix) and name != CHECKPOINT_SECONDS:
                 self.run.log_scalar(name, float(value), trainer.current_epoch)
+
+    def _log_checkpoint_seconds(self, trainer) -> None:
+        """The last finished epoch's (`current_epoch` counts the finished ones here); none before its first."""
+        seconds = trainer.callback_metrics.get(CHECKPOINT_SECONDS)
+        if seconds is not None:
+            self.run.log_scalar(CHECKPOINT_SECONDS, float(seconds), trainer.current_epoch - 1)
+
+    def on_train_epoch_start(self, trainer, module) -> None:
+        self._log_checkpoint_seconds(trainer)
+
+    def on_train_end(self, trainer, module) -> None:
+        self._log_checkpoint_seconds(trainer)
 
     def on_validation_end(self, trainer, module) -> None:
         if not trainer.sanity_checking:

@@ -18,7 +18,7 @@ import pymongo
 import pytest
 import torch
 
-from experiments.tracking import TRAIN_LOSS, SacredMetrics
+from experiments.tracking import CHECKPOINT_SECONDS, TRAIN_LOSS, FileCheckpointIO, LastEpochCheckpoint, SacredMetrics
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = ["with", "demo", "data_loader.n_workers=0", "data_loader.batch_size=8", "log_every_n_steps=1"]
@@ -198,3 +198,24 @@ def test_sacred_train_loss_is_the_logged_loss_when_batches_accumulate(tmp_path):
     trainer.fit(_ConstantLoss(), torch.utils.data.DataLoader(torch.zeros(8, 1), batch_size=2))
     assert [scalar for scalar in scalars if scalar[0] == TRAIN_LOSS] == [(TRAIN_LOSS, 3.0, 0), (TRAIN_LOSS, 3.0, 1)]
     assert ("lr-AdamW/all", 0.1, 1) in scalars
+
+
+def test_sacred_gets_each_epochs_checkpoint_time_under_that_epoch(tmp_path, monkeypatch):
+    # The checkpoints are written after SacredMetrics' epoch end: read there, an epoch got the one before's time.
+    real_save = torch.save
+    slowdowns = iter([0.6, 0.2, 0.4])  # epochs 0, 1, 2
+
+    def slow_save(state, target, *args, **kwargs):
+        time.sleep(next(slowdowns))
+        real_save(state, target, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", slow_save)
+    scalars = []
+    run = SimpleNamespace(log_scalar=lambda name, value, step: scalars.append((name, value, step)))
+    trainer = L.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        callbacks=[SacredMetrics(run), LastEpochCheckpoint(tmp_path)], plugins=[FileCheckpointIO()],
+                        default_root_dir=tmp_path)
+    trainer.fit(_ConstantLoss(), torch.utils.data.DataLoader(torch.zeros(4, 1), batch_size=2))
+    logged = [(step, value) for name, value, step in scalars if name == CHECKPOINT_SECONDS]
+    assert [step for step, _ in logged] == [0, 1, 2]
+    assert all(slowdown <= value < slowdown + 0.15 for (_, value), slowdown in zip(logged, [0.6, 0.2, 0.4]))
