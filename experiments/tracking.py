@@ -131,9 +131,9 @@ class SacredMetrics(L.Callback):
             self._losses.clear()
         for group in trainer.optimizers[0].param_groups:
             self.run.log_scalar(f"lr-AdamW/{group['name']}", group["lr"], epoch)
-        self._log_prefixed(trainer, "time/")  # from Throughput, which runs before this callback
+        self._log_prefixed(trainer, ("time/", "memory/"))  # from Throughput, which runs before this callback
 
-    def _log_prefixed(self, trainer, prefix: str) -> None:
+    def _log_prefixed(self, trainer, prefix: str | tuple[str, ...]) -> None:
         for name, value in trainer.callback_metrics.items():
             if name.startswith(prefix) and name != CHECKPOINT_SECONDS:
                 self.run.log_scalar(name, float(value), trainer.current_epoch)

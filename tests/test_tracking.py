@@ -219,3 +219,15 @@ def test_sacred_gets_each_epochs_checkpoint_time_under_that_epoch(tmp_path, monk
     logged = [(step, value) for name, value, step in scalars if name == CHECKPOINT_SECONDS]
     assert [step for step, _ in logged] == [0, 1, 2]
     assert all(slowdown <= value < slowdown + 0.15 for (_, value), slowdown in zip(logged, [0.6, 0.2, 0.4]))
+
+
+def test_sacred_gets_the_epochs_speed_and_gpu_memory_figures():
+    scalars = []
+    run = SimpleNamespace(log_scalar=lambda name, value, step: scalars.append((name, value, step)))
+    trainer = SimpleNamespace(current_epoch=4, optimizers=[SimpleNamespace(param_groups=[{"name": "all", "lr": 0.1}])],
+                              callback_metrics={"time/validation_seconds": torch.tensor(3.4), "val/mAP@10": 0.2,
+                                                "memory/peak_gpu_reserved_gib": torch.tensor(18.5),
+                                                CHECKPOINT_SECONDS: torch.tensor(6.0)})  # the epoch before's, yet
+    SacredMetrics(run).on_train_epoch_end(trainer, None)
+    assert sorted(scalars) == sorted([("lr-AdamW/all", 0.1, 4), ("time/validation_seconds", pytest.approx(3.4), 4),
+                                      ("memory/peak_gpu_reserved_gib", 18.5, 4)])
