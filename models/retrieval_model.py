@@ -43,6 +43,9 @@ class RetrievalModel(nn.Module):
         if padding:
             audio = torch.cat((audio, audio.new_zeros(padding, audio.shape[1])))
             audio_length = torch.cat((audio_length, audio_length.new_zeros(padding)))
+            if real_windows is not None:  # the silent clips' windows too (an empty clip keeps its first), on the host
+                real_windows += self.audio_encoder.real_window_count(audio.shape[1],
+                                                                     torch.zeros(padding, dtype=torch.long))
         windows, mask = self.audio_encoder(audio, audio_length, real_windows)
         if padding:
             windows, mask = windows[:clips], mask[:clips]
