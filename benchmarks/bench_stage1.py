@@ -25,7 +25,8 @@ levers named by --evaluate-after.
 `fit` writes a Clotho-format data set of noise clips (32 kHz, 15-30 s; its size set by --clips), a random-init
 model of RoBERTa-large's sizes, and runs `python -m experiments.ex_dcase24` for --epochs epochs, which logs the steady
 training throughput, the validation time and on a GPU the peak memory of each (`time/*`, `memory/*`,
-experiments/tracking.py's Throughput); the last epoch's are reported, with the MFU of its throughput.
+experiments/tracking.py's Throughput); the last epoch's are reported, with the MFU of its throughput and the
+projected length of the published run (20 epochs of Clotho's size, checkpoint writes and one-time costs included).
 `--profile-steps N` trains one more epoch and traces N of its steps (the experiment's `profile_steps`): the GPU's
 busy time per step against the step's wall time says whether the real loop waits for the GPU or for the host.
 """
@@ -58,7 +59,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.kernel_breakdown import breakdown
 from data_loaders.demo_data import EVENTS, TEXT_MODEL_FOLDER, caption_for, write_captions_csv, write_text_model
-from experiments.tracking import PROFILE_TRACE
+from experiments.tracking import CHECKPOINT_SECONDS, PROFILE_TRACE
 from models.audio.passt import MEL_SETTINGS, SAMPLE_RATE, PasstEncoder
 from models.audio.windowing import split_into_windows
 from models.losses import multi_positive_contrastive_loss
@@ -68,8 +69,9 @@ from models.text.transformer import TextEncoder
 from utils.figures import pyplot, save_figure
 from utils.metrics import retrieval_metrics
 
-CLOTHO_EVAL_CLIPS = 1045
+CLOTHO_DEVELOPMENT_CLIPS, CLOTHO_EVAL_CLIPS = 3839, 1045
 CAPTIONS_PER_CLIP = 5
+PUBLISHED_EPOCHS = 20
 SHORTEST_CLIP_SECONDS, LONGEST_CLIP_SECONDS = 15, 30  # Clotho's clips, padded to the longest
 DENSE_BF16_PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}  # the vendors' dense tensor-core figures
 ROBERTA_LARGE = dict(hidden_size=1024, layers=24, attention_heads=16, intermediate_size=4096, vocab_size=50265)
@@ -514,8 +516,10 @@ def bench_fit(args: argparse.Namespace) -> None:
                 f"audio_features.model_config.s_patchout_t={config['patchout'][0]}",
                 f"audio_features.model_config.s_patchout_f={config['patchout'][1]}",
                 f"profile_steps={args.profile_steps}", *args.settings]
-    logged, run_folder = run_experiment(data_dir, settings, report_epoch=args.epochs - 1)
+    run_seconds, per_epoch, run_folder = run_experiment(data_dir, settings)
+    logged = {"run_seconds": run_seconds, **per_epoch[args.epochs - 1]}  # the last unprofiled epoch: warm
     if args.profile_steps:  # the summary, and the trace beside it (the run folder may stay on a lent machine)
+        logged["time/profiled_step_ms"] = per_epoch[epochs - 1]["time/profiled_step_ms"]
         summary = breakdown(run_folder / PROFILE_TRACE, args.profile_steps,
                             step_milliseconds=logged["time/profiled_step_ms"])
         print(summary, end="", flush=True)
@@ -529,13 +533,14 @@ def bench_fit(args: argparse.Namespace) -> None:
     report({"command": "fit", "config": args.config, "machine": machine(device), "patchout": config["patchout"],
             "clips": args.clips, "epochs": args.epochs, "profile_steps": args.profile_steps,
             "settings": args.settings, "workers": args.workers, **logged, "model_tflop_per_sample": tflop_per_sample,
-            "mfu": model_flop_utilisation(rate, tflop_per_sample, device) if rate else None}, args.json)
+            "mfu": model_flop_utilisation(rate, tflop_per_sample, device) if rate else None,
+            **(projected_published_run(per_epoch, run_seconds, args.epochs - 1, args.clips[0] * CAPTIONS_PER_CLIP)
+               if rate else {})}, args.json)  # no steady rate in an epoch of 10 batches or fewer
 
 
-def run_experiment(data_dir: Path, settings: list[str], report_epoch: int) -> tuple[dict[str, float], Path]:
-    """One `python -m experiments.ex_dcase24 with ...` run: its wall time, the `time/*` and `memory/*` figures of
-    epoch `report_epoch` (from the second epoch on, one whose loader workers were already running and graphs
-    compiled) and the time per profiled step of any epoch, and its run folder."""
+def run_experiment(data_dir: Path, settings: list[str]) -> tuple[float, dict[int, dict[str, float]], Path]:
+    """One `python -m experiments.ex_dcase24 with ...` run: its wall time, each epoch's `time/*` and `memory/*`
+    figures, and its run folder."""
     start = time.perf_counter()
     completed = subprocess.run([sys.executable, "-m", "experiments.ex_dcase24", "with", *settings],
                                env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True)
@@ -543,13 +548,34 @@ def run_experiment(data_dir: Path, settings: list[str], report_epoch: int) -> tu
     if completed.returncode:
         sys.exit(f"training run failed:\n{completed.stdout[-3000:]}\n{completed.stderr[-3000:]}")
     (metrics_file,) = sorted((data_dir / "runs").glob("*/logs/version_0/metrics.csv"), key=os.path.getmtime)[-1:]
-    logged = {"run_seconds": wall}
+    per_epoch: dict[int, dict[str, float]] = {}
     with open(metrics_file) as handle:
-        for row in csv.DictReader(handle):
-            reported = row["epoch"] and int(row["epoch"]) == report_epoch
-            logged.update({key: float(value) for key, value in row.items() if value and (
-                key == "time/profiled_step_ms" or reported and key.startswith(("time/", "memory/")))})
-    return logged, metrics_file.parents[2]
+        for row in csv.DictReader(handle):  # the test pass's rows carry the epoch after the last: no figures
+            figures = {key: float(value) for key, value in row.items()
+                       if value and key.startswith(("time/", "memory/"))}
+            if figures:
+                per_epoch.setdefault(int(row["epoch"]), {}).update(figures)
+    return wall, per_epoch, metrics_file.parents[2]
+
+
+def projected_published_run(per_epoch: dict[int, dict[str, float]], run_seconds: float, report_epoch: int,
+                            development_captions: int) -> dict[str, float]:
+    """The published run's length from a short benchmark run: 20 epochs over Clotho's 19,195 development captions
+    at the reported epoch's steady rate and validation time, every epoch paying the costliest checkpoint writes of
+    the run (an epoch that improves validation writes two); plus what the benchmark run spent beyond its epochs at
+    that pace (process start, its data set's cache, compilation, the first batches, its small test pass), and one
+    validation's time for the test pass over Clotho's evaluation split (as large as the validation split)."""
+    reported = per_epoch[report_epoch]
+    rate, validation = reported["time/train_samples_per_second"], reported["time/validation_seconds"]
+    checkpoint = max(figures.get(CHECKPOINT_SECONDS, 0.0) for figures in per_epoch.values())
+
+    def epoch_seconds(captions: int) -> float:
+        return captions / rate + validation + checkpoint
+
+    one_time = run_seconds - len(per_epoch) * epoch_seconds(development_captions)
+    total = one_time + PUBLISHED_EPOCHS * epoch_seconds(CLOTHO_DEVELOPMENT_CLIPS * CAPTIONS_PER_CLIP) + validation
+    return {"one_time_seconds": one_time, "checkpoint_seconds_per_epoch": checkpoint,
+            "projected_published_minutes": total / 60}
 
 
 def lever_rows(json_path: Path) -> list[dict]:

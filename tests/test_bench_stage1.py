@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from benchmarks.bench_stage1 import (CONFIGS, LEVERS, PUBLISHED, build_model, caption_vocabulary, counting_totals,
-                                     draws_differ, every_window_total, model_tflop_per_sample, random_batch,
-                                     run_experiment)
+                                     draws_differ, every_window_total, model_tflop_per_sample,
+                                     projected_published_run, random_batch, run_experiment)
 from benchmarks.kernel_breakdown import breakdown
 from data_loaders.demo_data import write_text_model
 from experiments.ex_dcase24 import ex
@@ -41,9 +41,9 @@ def test_model_flops_count_only_the_patches_patchout_keeps(tmp_path: Path):
 def test_the_fit_reports_an_unprofiled_epoch_and_traces_steps_of_the_last(data_dir: Path):
     """`fit --profile-steps` through the command line: 30 captions in batches of 1, 2 epochs; the last epoch's batches
     10-12 are traced into the run folder, whole, and the figures reported are the first epoch's."""
-    logged, run_folder = run_experiment(data_dir, ["demo", f"directories.data_dir={data_dir}", "max_epochs=2",
-                                                   "data_loader.batch_size=1", "data_loader.n_workers=0",
-                                                   "profile_steps=3"], report_epoch=0)
+    run_seconds, per_epoch, run_folder = run_experiment(
+        data_dir, ["demo", f"directories.data_dir={data_dir}", "max_epochs=2", "data_loader.batch_size=1",
+                   "data_loader.n_workers=0", "profile_steps=3"])
     with gzip.open(run_folder / PROFILE_TRACE, "rt") as handle:
         events = json.load(handle)["traceEvents"]
     assert sum(event.get("name", "").startswith("Optimizer.step#AdamW.step") for event in events) == 3
@@ -53,9 +53,25 @@ def test_the_fit_reports_an_unprofiled_epoch_and_traces_steps_of_the_last(data_d
     profiled = [row["epoch"] for row in rows if row["time/profiled_step_ms"]]
     rates = {row["epoch"]: float(row["time/train_samples_per_second"]) for row in rows
              if row["time/train_samples_per_second"]}
-    assert profiled == ["1"] and logged["time/profiled_step_ms"] > 0
-    assert logged["time/train_samples_per_second"] == rates["0"] != rates["1"]
+    assert profiled == ["1"] and per_epoch[1]["time/profiled_step_ms"] > 0 and sorted(per_epoch) == [0, 1]
+    assert per_epoch[0]["time/train_samples_per_second"] == rates["0"] != rates["1"]
+    assert all(figures["time/checkpoint_seconds"] > 0 for figures in per_epoch.values())
+    assert 0 < projected_published_run(per_epoch, run_seconds, 0, 30)["one_time_seconds"] < run_seconds
     assert breakdown(run_folder / PROFILE_TRACE, 3, 1.0) == f"no GPU work in {PROFILE_TRACE}\n"
+
+
+def test_the_published_run_is_projected_with_its_checkpoint_writes_and_one_time_costs():
+    """A 2-epoch benchmark of 1,000 captions per epoch in 100 s; the second epoch at 200 captions/s with a 3-s
+    validation, the costliest checkpoint writes 4 s (epoch 1, which improved validation and wrote two)."""
+    per_epoch = {0: {"time/train_samples_per_second": 100.0, "time/validation_seconds": 2.0,
+                     "time/checkpoint_seconds": 1.0},
+                 1: {"time/train_samples_per_second": 200.0, "time/validation_seconds": 3.0,
+                     "time/checkpoint_seconds": 4.0}}
+    projected = projected_published_run(per_epoch, 100.0, report_epoch=1, development_captions=1000)
+    assert projected["checkpoint_seconds_per_epoch"] == 4.0
+    assert projected["one_time_seconds"] == pytest.approx(100 - 2 * (1000 / 200 + 3 + 4))
+    epochs = 20 * (19195 / 200 + 3 + 4)
+    assert projected["projected_published_minutes"] == pytest.approx((76 + epochs + 3) / 60)  # + the test pass
 
 
 @pytest.mark.parametrize("lever", ["published", "on_device"])  # patchout drawn by hear21passt, and on the device
