@@ -150,6 +150,7 @@ class Stage1Config(Section):
     log_every_n_steps: Count
     profile_steps: NonNegativeInt
     monitor: Literal[METRIC_NAMES]
+    background_checkpoints: bool
     test_weights: Literal[TEST_WEIGHTS]
     require_gpu: bool
     use_wandb: bool

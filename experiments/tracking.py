@@ -8,9 +8,12 @@ into the run folder's `mongo_failures/`, and every MongoDB run also keeps a file
 """
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import sys
 import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import lightning as L
@@ -32,7 +35,8 @@ FILE_OPTION = "--file_storage"
 RUN_FOLDER_VARIABLE = "DCASE24_RUN_FOLDER"  # rank 0's run folder, inherited by the ranks Lightning starts
 PROFILE_TRACE = "profile.trace.json.gz"  # ProfiledSteps' trace in the run folder (profile_steps > 0)
 TRAIN_LOSS = "train/loss"  # the contrastive loss of each training batch, as the module logs it
-CHECKPOINT_SECONDS = "time/checkpoint_seconds"  # an epoch's time writing its checkpoints (`TimedCheckpoint`)
+CHECKPOINT_SECONDS = "time/checkpoint_seconds"  # what an epoch's checkpoint saves held the run (`TimedCheckpoint`)
+FRESH_COPY_BYTES = 16 * 2**20  # BackgroundCheckpointIO: changed tensors copied to new memory, not waited for
 WARMUP_BATCHES = 10  # training batches of an epoch before its steady rate is timed (and its steps profiled)
 
 
@@ -282,12 +286,115 @@ class FileCheckpointIO(TorchCheckpointIO):
             torch.save(checkpoint, temporary)
 
 
+def _tensors_by_place(value, place: tuple = ()) -> Iterator[tuple[tuple, torch.Tensor]]:
+    """The tensors of a checkpoint, each with its place in the nesting of dicts, lists and tuples."""
+    if isinstance(value, torch.Tensor):
+        yield place, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _tensors_by_place(item, (*place, key))
+    elif type(value) in (list, tuple):
+        for index, item in enumerate(value):
+            yield from _tensors_by_place(item, (*place, index))
+
+
+def _with_tensors(value, replacements: dict[tuple, torch.Tensor], place: tuple = ()):
+    """`value` rebuilt with the tensor at each place replaced (the containers copied, everything else shared)."""
+    if isinstance(value, torch.Tensor):
+        return replacements[place]
+    if isinstance(value, dict):
+        return type(value)((key, _with_tensors(item, replacements, (*place, key))) for key, item in value.items())
+    if type(value) in (list, tuple):
+        return type(value)(_with_tensors(item, replacements, (*place, index)) for index, item in enumerate(value))
+    return value
+
+
+class BackgroundCheckpointIO(FileCheckpointIO):
+    """FileCheckpointIO's files, written by a background thread while training goes on (`background_checkpoints`).
+
+    A run waits only while the checkpoint's tensors are copied into a host mirror that is kept from save to save
+    (pinned memory for GPU tensors): a memory copy instead of pickling and writing 5.3 GB. An epoch that improves
+    validation saves one state twice (best and last); the second save finds the mirror current (the same global
+    step, the same tensors unchanged since) and copies only what differs, the callbacks' scores. Before overwriting
+    a mirror that writes in progress still read, a save waits for them; changed tensors of at most
+    `FRESH_COPY_BYTES` in all get new memory instead. Loading or removing a checkpoint, and the end of training,
+    wait for the writes; a write that failed raises there or at the next save, naming its file. Costs the
+    checkpoint's size in host memory for the whole run. Tensors are found inside dicts, lists and tuples (what
+    Lightning's checkpoints hold); any other object is pickled as it is when the write happens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
+        self._writes: list[tuple[Future, str]] = []
+        self._mirror: dict[tuple, tuple[torch.Tensor, int, torch.Tensor]] = {}  # place: (source, version, host)
+        self._mirrored_step = None
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        self._raise_failed_writes()
+        step, tensors = checkpoint.get("global_step"), dict(_tensors_by_place(checkpoint))
+        changed = {place: tensor for place, tensor in tensors.items() if not self._mirrors(place, tensor, step)}
+        if self._writes and sum(tensor.nbytes for tensor in changed.values()) > FRESH_COPY_BYTES:
+            self.wait()
+        self._copy_to_mirror(tensors, changed, step)
+        host_checkpoint = _with_tensors(checkpoint, {place: host for place, (_, _, host) in self._mirror.items()})
+        self._writes.append((self._writer.submit(super().save_checkpoint, host_checkpoint, path, storage_options),
+                             str(path)))
+
+    def _mirrors(self, place: tuple, tensor: torch.Tensor, step) -> bool:
+        if step is None or step != self._mirrored_step or place not in self._mirror:
+            return False
+        source, version, _ = self._mirror[place]  # held, so its memory cannot have gone to another tensor
+        return (source.data_ptr(), source.shape, source.stride(), source.dtype, source.device, version) == (
+            tensor.data_ptr(), tensor.shape, tensor.stride(), tensor.dtype, tensor.device, tensor._version)
+
+    def _copy_to_mirror(self, tensors: dict[tuple, torch.Tensor], changed: dict[tuple, torch.Tensor], step) -> None:
+        in_use = bool(self._writes)  # writes in progress read the mirror's memory
+        mirror = {place: self._mirror[place] for place in tensors if place not in changed}
+        for place, tensor in changed.items():
+            previous = self._mirror.get(place)
+            if not in_use and previous and (previous[2].shape, previous[2].dtype) == (tensor.shape, tensor.dtype):
+                host = previous[2]
+            else:
+                host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=tensor.is_cuda)
+            host.copy_(tensor.detach(), non_blocking=tensor.is_cuda)
+            mirror[place] = (tensor, tensor._version, host)
+        for device in {tensor.device for tensor in changed.values() if tensor.is_cuda}:
+            torch.cuda.current_stream(device).synchronize()
+        self._mirror, self._mirrored_step = mirror, step
+
+    def _raise_failed_writes(self) -> None:
+        failed = [(write, path) for write, path in self._writes if write.done() and write.exception() is not None]
+        self._writes = [(write, path) for write, path in self._writes if not write.done()]
+        if failed:
+            write, path = failed[0]
+            raise RuntimeError(f"writing checkpoint {path} in the background failed") from write.exception()
+
+    def wait(self) -> None:
+        """Returns when every checkpoint saved so far is written; raises if a write failed."""
+        concurrent.futures.wait([write for write, _ in self._writes])
+        self._raise_failed_writes()
+
+    def load_checkpoint(self, *args, **kwargs) -> dict:
+        self.wait()
+        return super().load_checkpoint(*args, **kwargs)
+
+    def remove_checkpoint(self, path) -> None:
+        self.wait()
+        super().remove_checkpoint(path)
+
+    def teardown(self) -> None:
+        """The end of fitting (and of a test pass): the writes finish, the mirror's memory is released."""
+        self.wait()
+        self._mirror, self._mirrored_step = {}, None
+        super().teardown()
+
+
 class TimedCheckpoint(ModelCheckpoint):
-    """Logs the seconds its writes take (state gathered from the device, pickled, written) as
-    `time/checkpoint_seconds`, summed over the epoch's checkpoints: a run writes its weights and AdamW's moments
-    (5.3 GB for the baseline) once or twice per epoch, time that the epoch's training and validation figures leave
-    out. The experiment validates every epoch, so its checkpoints are written at the end of the training epoch,
-    where logging is allowed."""
+    """Logs the seconds the run waits for its saves (state gathered from the device, pickled and written; with
+    `BackgroundCheckpointIO`, copied to host memory) as `time/checkpoint_seconds`, summed over the epoch's
+    checkpoints: a run saves its weights and AdamW's moments (5.3 GB for the baseline) once or twice per epoch, time
+    that the epoch's training and validation figures leave out. The experiment validates every epoch, so its
+    checkpoints are saved at the end of the training epoch, where logging is allowed."""
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         start = time.perf_counter()

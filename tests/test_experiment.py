@@ -249,7 +249,7 @@ class FallingValidation(L.LightningModule):
         return torch.optim.SGD([{"params": self.parameters(), "name": "all"}], lr=0.1)
 
 
-def fit_falling(folder: Path, max_epochs: int, resume: str | None = None) -> tuple[str, str]:
+def fit_falling(folder: Path, max_epochs: int, resume: str | None = None, **settings) -> tuple[str, str]:
     """The experiment's own trainer (build_trainer) on FallingValidation: (last checkpoint, best checkpoint)."""
     from experiments.ex_dcase24 import build_trainer
     from experiments.tracking import last_checkpoint
@@ -262,7 +262,7 @@ def fit_falling(folder: Path, max_epochs: int, resume: str | None = None) -> tup
         return last_checkpoint(trainer), trainer.checkpoint_callback.best_model_path
 
     return ex.run("fit_falling_validation", named_configs=["demo"], options={"--loglevel": "ERROR"},
-                  config_updates={"max_epochs": max_epochs, "log_every_n_steps": 1}).result
+                  config_updates={"max_epochs": max_epochs, "log_every_n_steps": 1, **settings}).result
 
 
 def test_last_checkpoint_holds_the_last_epoch_when_validation_got_worse(tmp_path):
@@ -292,6 +292,36 @@ def test_each_epoch_logs_the_time_its_checkpoints_took_written_straight_to_a_fil
     # pickled into a temporary sibling of each checkpoint, not into memory first (Lightning's own way)
     assert [Path(target).parent for target in targets] == [tmp_path / "checkpoints"] * 3
     assert all(Path(target).name.startswith((".best-epoch=00.ckpt.", ".last.ckpt.")) for target in targets)
+
+
+def test_background_checkpoints_hold_the_weights_of_their_save_and_the_run_waits_only_for_the_copy(
+        tmp_path, monkeypatch):
+    from lightning.pytorch.strategies import Strategy
+
+    real_strategy_save, real_save, saved = Strategy.save_checkpoint, torch.save, {}
+
+    def recording_save(strategy, checkpoint, filepath, storage_options=None):  # what the trainer hands over
+        saved[Path(filepath).name] = {key: value.clone() for key, value in checkpoint["state_dict"].items()}
+        real_strategy_save(strategy, checkpoint, filepath, storage_options)
+
+    def slow_save(state, target, *args, **kwargs):
+        time.sleep(0.5)
+        real_save(state, target, *args, **kwargs)
+
+    monkeypatch.setattr(Strategy, "save_checkpoint", recording_save)
+    monkeypatch.setattr(torch, "save", slow_save)
+    last, best = fit_falling(tmp_path, max_epochs=3, background_checkpoints=True)
+    assert sorted(saved) == ["best-epoch=00.ckpt", "last.ckpt"] and Path(best).name == "best-epoch=00.ckpt"
+    for path in (last, best):  # each file holds the weights of its save, although training went on meanwhile
+        written = torch.load(path, weights_only=False)["state_dict"]
+        assert all(torch.equal(written[key], value) for key, value in saved[Path(path).name].items())
+    assert not torch.equal(torch.load(last, weights_only=False)["state_dict"]["layer.weight"],
+                           torch.load(best, weights_only=False)["state_dict"]["layer.weight"])
+    with open(tmp_path / "logs" / "version_0" / "metrics.csv") as handle:
+        seconds = {int(row["epoch"]): float(row["time/checkpoint_seconds"]) for row in csv.DictReader(handle)
+                   if row["time/checkpoint_seconds"]}
+    assert seconds[0] < 0.4  # best and last, each written for 0.5 s: the run waited for neither
+    assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == ["best-epoch=00.ckpt", "last.ckpt"]
 
 
 def test_a_checkpoint_write_that_fails_leaves_the_previous_checkpoint(tmp_path, monkeypatch):

@@ -211,7 +211,8 @@ def test_fast_gpu_adds_levers_to_the_published_defaults():
     changed = {key for key in published if published[key] != fast[key]}
     # nothing else of the published system moves
     assert changed == {"precision", "audio_features", "sentence_features", "data_loader", "compile", "compile_mode",
-                       "require_gpu"}
+                       "background_checkpoints", "require_gpu"}
+    assert (published["background_checkpoints"], fast["background_checkpoints"]) == (False, True)
 
 
 # Where a GPU makes the host wait: a value read back (`.item()`, `float()`, a tensor in an `if`), or a result whose
