@@ -40,9 +40,9 @@ def baseline_sized_checkpoint(scale: float, device: str = "cpu") -> dict:
             "optimizer_states": [{"state": moments, "param_groups": [{"params": list(range(BASELINE_TENSORS))}]}]}
 
 
-def timed_write(checkpoint_io, checkpoint: dict, path: Path) -> dict[str, float]:
+def timed_write(checkpoint_io, checkpoint: dict, path: Path, pause: float) -> dict[str, float]:
     os.sync()
-    time.sleep(2)
+    time.sleep(pause)
     start = time.perf_counter()
     checkpoint_io.save_checkpoint(checkpoint, path)
     times = {"seconds": time.perf_counter() - start}
@@ -66,6 +66,7 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="fraction of the baseline's 5.3 GB")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu", help="where the checkpoint's tensors are (a run's: its GPU)")
+    parser.add_argument("--pause", type=float, default=2.0, help="seconds of rest after the sync before each write")
     parser.add_argument("--json", help="also append each result as a JSON line to this file")
     args = parser.parse_args()
     checkpoint = baseline_sized_checkpoint(args.scale, args.device)
@@ -77,7 +78,7 @@ def main() -> None:
         checkpoint["global_step"] += 1  # a new state for the background mirror to copy
         for name, checkpoint_io in (("lightning", TorchCheckpointIO()), ("ours", FileCheckpointIO()),
                                     ("background", background)):
-            times = timed_write(checkpoint_io, checkpoint, path)
+            times = timed_write(checkpoint_io, checkpoint, path, args.pause)
             report({"machine": machine(args.device), "device": args.device, "checkpoint_io": name,
                     "repeat": repeat, "gigabytes": gigabytes, **times,
                     "file_gigabytes": path.stat().st_size / 1e9}, args.json)
