@@ -312,8 +312,8 @@ def _with_tensors(value, replacements: dict[tuple, torch.Tensor], place: tuple =
 class BackgroundCheckpointIO(FileCheckpointIO):
     """FileCheckpointIO's files, written by a background thread while training goes on (`background_checkpoints`).
 
-    A run waits only while the checkpoint's tensors are copied into a host mirror that is kept from save to save
-    (pinned memory for GPU tensors): a memory copy instead of pickling and writing 5.3 GB. An epoch that improves
+    A run waits only while the checkpoint's tensors are copied into a host mirror that is kept from save to save:
+    a memory copy instead of pickling and writing 5.3 GB. An epoch that improves
     validation saves one state twice (best and last); the second save finds the mirror current (the same global
     step, the same tensors unchanged since) and copies only what differs, the callbacks' scores. Before overwriting
     a mirror that writes in progress still read, a save waits for them; changed tensors of at most
@@ -354,12 +354,10 @@ class BackgroundCheckpointIO(FileCheckpointIO):
             previous = self._mirror.get(place)
             if not in_use and previous and (previous[2].shape, previous[2].dtype) == (tensor.shape, tensor.dtype):
                 host = previous[2]
-            else:
-                host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=tensor.is_cuda)
-            host.copy_(tensor.detach(), non_blocking=tensor.is_cuda)
+            else:  # pageable: pinned host memory comes in powers of two, up to twice the checkpoint for the run
+                host = torch.empty(tensor.shape, dtype=tensor.dtype)
+            host.copy_(tensor.detach())  # from a GPU: after the work queued before it, and done when it returns
             mirror[place] = (tensor, tensor._version, host)
-        for device in {tensor.device for tensor in changed.values() if tensor.is_cuda}:
-            torch.cuda.current_stream(device).synchronize()
         self._mirror, self._mirrored_step = mirror, step
 
     def _raise_failed_writes(self) -> None:
