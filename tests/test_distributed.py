@@ -189,14 +189,16 @@ def test_two_process_demo_is_one_run_and_tests_a_checkpoint_like_one_process(tmp
 
 def test_compiled_encoders_under_ddp_train_as_eager_ones(tmp_path):
     """DDP hands compiled modules to its graph-splitting optimiser (one graph per gradient bucket); the two processes
-    must still train what eager ones train. On a GPU `fast_gpu` adds CUDA graphs, which a CPU cannot replay."""
+    must still train what eager ones train. On a GPU `fast_gpu` adds CUDA graphs, which a CPU cannot replay. The
+    compiled run also writes its checkpoints in the background, as `fast_gpu` does (rank 0 writes; the test split
+    scores the weights read back from the file)."""
     generate_demo_dataset(tmp_path / "clotho_demo", {"development": 6, "validation": 3, "evaluation": 5}, seed=1)
     metrics = {}
     for compiled in (False, True):
         sacred = tmp_path / f"sacred_compile_{compiled}"
         run_cli("-F", str(sacred), "with", "demo", f"directories.data_dir={tmp_path}", "data_loader.n_workers=0",
                 "accelerator=cpu", "devices=2", "strategy=ddp", "max_epochs=2", "data_loader.batch_size=4",
-                "log_every_n_steps=1", "seed=3", f"compile={compiled}")
+                "log_every_n_steps=1", "seed=3", f"compile={compiled}", f"background_checkpoints={compiled}")
         metrics[compiled] = json.loads((sacred / "1" / "metrics.json").read_text())
     eager, compiled = metrics[False], metrics[True]
     first_epoch, second_epoch = eager["train/loss"]["values"]  # one per epoch
