@@ -317,8 +317,8 @@ class BackgroundCheckpointIO(FileCheckpointIO):
     validation saves one state twice (best and last); the second save finds the mirror current (the same global
     step, the same tensors unchanged since) and copies only what differs, the callbacks' scores. Before overwriting
     a mirror that writes in progress still read, a save waits for them; changed tensors of at most
-    `FRESH_COPY_BYTES` in all get new memory instead. Loading or removing a checkpoint, and the end of training,
-    wait for the writes; a write that failed raises there or at the next save, naming its file. Costs the
+    `FRESH_COPY_BYTES` in all get new memory instead. Loading a checkpoint and the end of training wait for the
+    writes, removing one for its own; a write that failed raises there or at the next save, naming its file. Costs the
     checkpoint's size in host memory for the whole run. Tensors are found inside dicts, lists and tuples (what
     Lightning's checkpoints hold); any other object is pickled as it is when the write happens."""
 
@@ -367,9 +367,9 @@ class BackgroundCheckpointIO(FileCheckpointIO):
             write, path = failed[0]
             raise RuntimeError(f"writing checkpoint {path} in the background failed") from write.exception()
 
-    def wait(self) -> None:
-        """Returns when every checkpoint saved so far is written; raises if a write failed."""
-        concurrent.futures.wait([write for write, _ in self._writes])
+    def wait(self, path=None) -> None:
+        """Returns when every checkpoint saved so far (to `path`, if given) is written; raises if a write failed."""
+        concurrent.futures.wait([write for write, target in self._writes if path is None or target == str(path)])
         self._raise_failed_writes()
 
     def load_checkpoint(self, *args, **kwargs) -> dict:
@@ -377,7 +377,8 @@ class BackgroundCheckpointIO(FileCheckpointIO):
         return super().load_checkpoint(*args, **kwargs)
 
     def remove_checkpoint(self, path) -> None:
-        self.wait()
+        """Lightning removes the previous best right after saving the new one: only a write to `path` is waited for."""
+        self.wait(path)
         super().remove_checkpoint(path)
 
     def teardown(self) -> None:
@@ -389,14 +390,22 @@ class BackgroundCheckpointIO(FileCheckpointIO):
 
 class TimedCheckpoint(ModelCheckpoint):
     """Logs the seconds the run waits for its saves (state gathered from the device, pickled and written; with
-    `BackgroundCheckpointIO`, copied to host memory) as `time/checkpoint_seconds`, summed over the epoch's
-    checkpoints: a run saves its weights and AdamW's moments (5.3 GB for the baseline) once or twice per epoch, time
-    that the epoch's training and validation figures leave out. The experiment validates every epoch, so its
-    checkpoints are saved at the end of the training epoch, where logging is allowed."""
+    `BackgroundCheckpointIO`, copied to host memory) and removals of replaced checkpoints (with it, their writes
+    finished first) as `time/checkpoint_seconds`, summed over the epoch: a run saves its weights and AdamW's moments
+    (5.3 GB for the baseline) once or twice per epoch, time that the epoch's training and validation figures leave
+    out. The experiment validates every epoch, so its checkpoints are saved at the end of the training epoch, where
+    logging is allowed."""
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        self._timed(trainer, super()._save_checkpoint, filepath)
+
+    def _remove_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        self._timed(trainer, super()._remove_checkpoint, filepath)
+
+    @staticmethod
+    def _timed(trainer: L.Trainer, action, filepath: str) -> None:
         start = time.perf_counter()
-        super()._save_checkpoint(trainer, filepath)
+        action(trainer, filepath)
         trainer.lightning_module.log(CHECKPOINT_SECONDS, time.perf_counter() - start, on_step=False, on_epoch=True,
                                      reduce_fx="sum")
 

@@ -249,8 +249,22 @@ class FallingValidation(L.LightningModule):
         return torch.optim.SGD([{"params": self.parameters(), "name": "all"}], lr=0.1)
 
 
-def fit_falling(folder: Path, max_epochs: int, resume: str | None = None, **settings) -> tuple[str, str]:
-    """The experiment's own trainer (build_trainer) on FallingValidation: (last checkpoint, best checkpoint)."""
+class RisingValidation(FallingValidation):
+    """Validation mAP@10 rises by 0.1 an epoch, so every epoch saves a new best and removes the one before; its
+    training steps take 0.3 s each (an epoch outlasts two checkpoint writes of 0.2 s)."""
+
+    def training_step(self, batch, batch_index):
+        time.sleep(0.3)
+        return super().training_step(batch, batch_index)
+
+    def validation_step(self, batch, batch_index):
+        self.log("val/mAP@10", 0.1 * self.current_epoch)
+
+
+def fit_falling(folder: Path, max_epochs: int, resume: str | None = None, module=FallingValidation,
+                **settings) -> tuple[str, str]:
+    """The experiment's own trainer (build_trainer) on FallingValidation (or `module`): (last checkpoint, best
+    checkpoint)."""
     from experiments.ex_dcase24 import build_trainer
     from experiments.tracking import last_checkpoint
 
@@ -258,7 +272,7 @@ def fit_falling(folder: Path, max_epochs: int, resume: str | None = None, **sett
     def fit_falling_validation():
         trainer = build_trainer(folder)
         loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 2)), batch_size=4)
-        trainer.fit(FallingValidation(), loader, loader, ckpt_path=resume)
+        trainer.fit(module(), loader, loader, ckpt_path=resume)
         return last_checkpoint(trainer), trainer.checkpoint_callback.best_model_path
 
     return ex.run("fit_falling_validation", named_configs=["demo"], options={"--loglevel": "ERROR"},
@@ -322,6 +336,23 @@ def test_background_checkpoints_hold_the_weights_of_their_save_and_the_run_waits
                    if row["time/checkpoint_seconds"]}
     assert seconds[0] < 0.4  # best and last, each written for 0.5 s: the run waited for neither
     assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == ["best-epoch=00.ckpt", "last.ckpt"]
+
+
+def test_background_checkpoints_do_not_hold_epochs_that_replace_the_best(tmp_path, monkeypatch):
+    real_save = torch.save
+
+    def slow_save(state, target, *args, **kwargs):
+        time.sleep(0.2)
+        real_save(state, target, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", slow_save)
+    last, best = fit_falling(tmp_path, max_epochs=3, module=RisingValidation, background_checkpoints=True)
+    with open(tmp_path / "logs" / "version_0" / "metrics.csv") as handle:
+        seconds = [float(row["time/checkpoint_seconds"]) for row in csv.DictReader(handle)
+                   if row["time/checkpoint_seconds"]]
+    assert len(seconds) == 3 and max(seconds) < 0.15  # written in the foreground, each epoch: 0.4 s or more
+    assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == ["best-epoch=02.ckpt", "last.ckpt"]
+    assert torch.load(best, weights_only=False)["epoch"] == torch.load(last, weights_only=False)["epoch"] == 2
 
 
 def test_a_checkpoint_write_that_fails_leaves_the_previous_checkpoint(tmp_path, monkeypatch):

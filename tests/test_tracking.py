@@ -311,3 +311,18 @@ def test_a_failed_background_write_is_raised_with_its_file(tmp_path):
                                   tmp_path / "last.ckpt")
     checkpoint_io.teardown()  # the failure was raised once; the later write succeeds
     assert torch.load(tmp_path / "last.ckpt")["global_step"] == 2
+
+
+def test_removing_the_previous_best_waits_only_for_writes_to_that_file(tmp_path, monkeypatch):
+    # Lightning removes the previous best checkpoint right after saving the new one.
+    writes = GatedWrites(monkeypatch)
+    previous = tmp_path / "best-epoch=00.ckpt"
+    previous.write_bytes(b"an earlier epoch's checkpoint, written long ago")
+    checkpoint_io = BackgroundCheckpointIO()
+    checkpoint_io.save_checkpoint(checkpoint_of(torch.ones(2), torch.ones(2), step=9, best=0.9),
+                                  tmp_path / "best-epoch=01.ckpt")
+    checkpoint_io.remove_checkpoint(previous)  # the gate is shut: waiting for the new file's write would hang here
+    assert not previous.exists()
+    writes.open_in(0.3)
+    assert timed(lambda: checkpoint_io.remove_checkpoint(tmp_path / "best-epoch=01.ckpt")) >= 0.2  # its own write
+    assert list(tmp_path.iterdir()) == []
