@@ -313,14 +313,14 @@ class BackgroundCheckpointIO(FileCheckpointIO):
     """FileCheckpointIO's files, written by a background thread while training goes on (`background_checkpoints`).
 
     A run waits only while the checkpoint's tensors are copied into a host mirror that is kept from save to save:
-    a memory copy instead of pickling and writing 5.3 GB. An epoch that improves
-    validation saves one state twice (best and last); the second save finds the mirror current (the same global
-    step, the same tensors unchanged since) and copies only what differs, the callbacks' scores. Before overwriting
-    a mirror that writes in progress still read, a save waits for them; changed tensors of at most
-    `FRESH_COPY_BYTES` in all get new memory instead. Loading a checkpoint and the end of training wait for the
-    writes, removing one for its own; a write that failed raises there or at the next save, naming its file. Costs the
-    checkpoint's size in host memory for the whole run. Tensors are found inside dicts, lists and tuples (what
-    Lightning's checkpoints hold); any other object is pickled as it is when the write happens."""
+    a memory copy instead of pickling and writing 5.3 GB. An epoch that improves validation saves one state twice
+    (best and last); the second save finds the mirror current (the same global step, the same tensors unchanged
+    since) and copies only what differs, the callbacks' scores. Before overwriting a mirror that writes in progress
+    still read, a save waits for them; changed tensors of at most `FRESH_COPY_BYTES` in all get new memory instead.
+    Loading a checkpoint and the end of training wait for the writes, removing one for its own; a write that failed
+    raises there or at the next save, naming its file. Costs the checkpoint's size in host memory for the whole
+    run. Tensors are found inside dicts, lists and tuples (what Lightning's checkpoints hold); any other object is
+    pickled as it is when the write happens."""
 
     def __init__(self) -> None:
         super().__init__()
