@@ -12,7 +12,7 @@ import concurrent.futures
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -286,26 +286,15 @@ class FileCheckpointIO(TorchCheckpointIO):
             torch.save(checkpoint, temporary)
 
 
-def _tensors_by_place(value, place: tuple = ()) -> Iterator[tuple[tuple, torch.Tensor]]:
-    """The tensors of a checkpoint, each with its place in the nesting of dicts, lists and tuples."""
+def _map_tensors(value, function: Callable[[tuple, torch.Tensor], torch.Tensor], place: tuple = ()):
+    """`value` rebuilt with each tensor replaced by `function(place, tensor)`, where `place` is its path through the
+    nesting of dicts, lists and tuples (the containers copied, everything else shared)."""
     if isinstance(value, torch.Tensor):
-        yield place, value
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            yield from _tensors_by_place(item, (*place, key))
-    elif type(value) in (list, tuple):
-        for index, item in enumerate(value):
-            yield from _tensors_by_place(item, (*place, index))
-
-
-def _with_tensors(value, replacements: dict[tuple, torch.Tensor], place: tuple = ()):
-    """`value` rebuilt with the tensor at each place replaced (the containers copied, everything else shared)."""
-    if isinstance(value, torch.Tensor):
-        return replacements[place]
+        return function(place, value)
     if isinstance(value, dict):
-        return type(value)((key, _with_tensors(item, replacements, (*place, key))) for key, item in value.items())
+        return type(value)((key, _map_tensors(item, function, (*place, key))) for key, item in value.items())
     if type(value) in (list, tuple):
-        return type(value)(_with_tensors(item, replacements, (*place, index)) for index, item in enumerate(value))
+        return type(value)(_map_tensors(item, function, (*place, index)) for index, item in enumerate(value))
     return value
 
 
@@ -331,12 +320,13 @@ class BackgroundCheckpointIO(FileCheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
         self._raise_failed_writes()
-        step, tensors = checkpoint.get("global_step"), dict(_tensors_by_place(checkpoint))
+        step, tensors = checkpoint.get("global_step"), {}
+        _map_tensors(checkpoint, tensors.setdefault)
         changed = {place: tensor for place, tensor in tensors.items() if not self._mirrors(place, tensor, step)}
         if self._writes and sum(tensor.nbytes for tensor in changed.values()) > FRESH_COPY_BYTES:
             self.wait()
         self._copy_to_mirror(tensors, changed, step)
-        host_checkpoint = _with_tensors(checkpoint, {place: host for place, (_, _, host) in self._mirror.items()})
+        host_checkpoint = _map_tensors(checkpoint, lambda place, _: self._mirror[place][2])
         self._writes.append((self._writer.submit(super().save_checkpoint, host_checkpoint, path, storage_options),
                              str(path)))
 
