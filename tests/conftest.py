@@ -1,10 +1,14 @@
-"""Shared fixtures: a tiny generated dataset in the Clotho layout (built once per session)."""
+"""Shared fixtures: a tiny generated dataset in the Clotho layout (built once per session), and torch.save
+slowed down to time checkpoint writes."""
 from __future__ import annotations
 
 import shutil
+import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
+import torch
 
 from data_loaders.demo_data import generate_demo_dataset
 
@@ -22,3 +26,21 @@ def data_dir(tmp_path, tiny_dataset_template) -> Path:
     """A fresh copy per test, so tests may break or extend it."""
     shutil.copytree(tiny_dataset_template, tmp_path / "clotho_demo")
     return tmp_path
+
+
+@pytest.fixture
+def slow_saves(monkeypatch):
+    """`slow_saves(seconds)`: every torch.save sleeps that long first (or the next of several delays, one per save);
+    returns the list of targets saved to, filled as the saves happen."""
+    def slow_down(seconds: float | Iterable[float]) -> list:
+        delays, real_save, targets = iter(seconds) if isinstance(seconds, Iterable) else None, torch.save, []
+
+        def save(state, target, *args, **kwargs):
+            targets.append(target)
+            time.sleep(next(delays) if delays else seconds)
+            real_save(state, target, *args, **kwargs)
+
+        monkeypatch.setattr(torch, "save", save)
+        return targets
+
+    return slow_down

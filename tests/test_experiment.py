@@ -288,15 +288,8 @@ def test_last_checkpoint_holds_the_last_epoch_when_validation_got_worse(tmp_path
     assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == ["best-epoch=00.ckpt", "last.ckpt"]
 
 
-def test_each_epoch_logs_the_time_its_checkpoints_took_written_straight_to_a_file(tmp_path, monkeypatch):
-    real_save, targets = torch.save, []
-
-    def slow_save(state, target, *args, **kwargs):
-        targets.append(target)
-        time.sleep(0.5)
-        real_save(state, target, *args, **kwargs)
-
-    monkeypatch.setattr(torch, "save", slow_save)
+def test_each_epoch_logs_the_time_its_checkpoints_took_written_straight_to_a_file(tmp_path, slow_saves):
+    targets = slow_saves(0.5)
     fit_falling(tmp_path, max_epochs=2)
     with open(tmp_path / "logs" / "version_0" / "metrics.csv") as handle:
         seconds = {int(row["epoch"]): float(row["time/checkpoint_seconds"]) for row in csv.DictReader(handle)
@@ -309,21 +302,17 @@ def test_each_epoch_logs_the_time_its_checkpoints_took_written_straight_to_a_fil
 
 
 def test_background_checkpoints_hold_the_weights_of_their_save_and_the_run_waits_only_for_the_copy(
-        tmp_path, monkeypatch):
+        tmp_path, monkeypatch, slow_saves):
     from lightning.pytorch.strategies import Strategy
 
-    real_strategy_save, real_save, saved = Strategy.save_checkpoint, torch.save, {}
+    real_strategy_save, saved = Strategy.save_checkpoint, {}
 
     def recording_save(strategy, checkpoint, filepath, storage_options=None):  # what the trainer hands over
         saved[Path(filepath).name] = {key: value.clone() for key, value in checkpoint["state_dict"].items()}
         real_strategy_save(strategy, checkpoint, filepath, storage_options)
 
-    def slow_save(state, target, *args, **kwargs):
-        time.sleep(0.5)
-        real_save(state, target, *args, **kwargs)
-
     monkeypatch.setattr(Strategy, "save_checkpoint", recording_save)
-    monkeypatch.setattr(torch, "save", slow_save)
+    slow_saves(0.5)
     last, best = fit_falling(tmp_path, max_epochs=3, background_checkpoints=True)
     assert sorted(saved) == ["best-epoch=00.ckpt", "last.ckpt"] and Path(best).name == "best-epoch=00.ckpt"
     for path in (last, best):  # each file holds the weights of its save, although training went on meanwhile
@@ -338,14 +327,8 @@ def test_background_checkpoints_hold_the_weights_of_their_save_and_the_run_waits
     assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == ["best-epoch=00.ckpt", "last.ckpt"]
 
 
-def test_background_checkpoints_do_not_hold_epochs_that_replace_the_best(tmp_path, monkeypatch):
-    real_save = torch.save
-
-    def slow_save(state, target, *args, **kwargs):
-        time.sleep(0.2)
-        real_save(state, target, *args, **kwargs)
-
-    monkeypatch.setattr(torch, "save", slow_save)
+def test_background_checkpoints_do_not_hold_epochs_that_replace_the_best(tmp_path, slow_saves):
+    slow_saves(0.2)
     last, best = fit_falling(tmp_path, max_epochs=3, module=RisingValidation, background_checkpoints=True)
     with open(tmp_path / "logs" / "version_0" / "metrics.csv") as handle:
         seconds = [float(row["time/checkpoint_seconds"]) for row in csv.DictReader(handle)

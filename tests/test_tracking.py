@@ -202,16 +202,9 @@ def test_sacred_train_loss_is_the_logged_loss_when_batches_accumulate(tmp_path):
     assert ("lr-AdamW/all", 0.1, 1) in scalars
 
 
-def test_sacred_gets_each_epochs_checkpoint_time_under_that_epoch(tmp_path, monkeypatch):
+def test_sacred_gets_each_epochs_checkpoint_time_under_that_epoch(tmp_path, slow_saves):
     # The checkpoints are written after SacredMetrics' epoch end: read there, an epoch got the one before's time.
-    real_save = torch.save
-    slowdowns = iter([0.6, 0.2, 0.4])  # epochs 0, 1, 2
-
-    def slow_save(state, target, *args, **kwargs):
-        time.sleep(next(slowdowns))
-        real_save(state, target, *args, **kwargs)
-
-    monkeypatch.setattr(torch, "save", slow_save)
+    slow_saves([0.6, 0.2, 0.4])  # epochs 0, 1, 2
     scalars = []
     run = SimpleNamespace(log_scalar=lambda name, value, step: scalars.append((name, value, step)))
     trainer = L.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_progress_bar=False,
