@@ -9,7 +9,8 @@
 # `max_autotune` (inductor chooses its matrix kernels by timing them; long compilation), against the CUDA-graph step
 # on the same machine, with its profile (at most 9.3 minutes). ALL=1 adds the figures of RESULTS.md measured before
 # (~17 minutes more): TAP's full-split scoring and `fast_gpu` with only the real windows among them, and a checkpoint
-# of the baseline's size written from the GPU three ways (Lightning's, ours, in the background). LEARNING=1
+# of the baseline's size written from the GPU three ways (Lightning's, ours, in the background), and the loader's
+# parts on this machine's cores (can 12 workers and the pin-memory thread feed 400 captions/s?). LEARNING=1
 # runs, instead of all that, a command of its own (at most 9.7 minutes): does `fast_gpu` learn as the published
 # settings (fp16 autocast, eager) do, on the TAP demo of a data set it was never tuned on, seed by seed
 # (benchmarks/bench_learning.py; on a CPU only its levers without CUDA graphs could run). REAL_SIZE=1 runs instead
@@ -51,6 +52,8 @@ if [ "${ALL:-0}" = 1 ]; then
     timeout 40 $python -m benchmarks.bench_tap_scoring --device cuda | tee "$out/tap_scoring.txt"
     timeout 150 $python -m benchmarks.bench_checkpoint --folder /tmp/checkpoint_gpu --device cuda --repeats 2 \
         --json "$out/checkpoint.jsonl"
+    timeout 120 $python -m benchmarks.bench_loader --clips 120 --workers 0 12 --batches 30 --parts \
+        --pin-memory --json "$out/loader.jsonl"
     timeout 250 "${fit[@]}" fast_gpu audio_features.embed_all_windows=False
     timeout 200 "${step[@]}" --levers host_count all_windows mel_front_end on_device --evaluate-after
     timeout 170 "${fit[@]}" fast_gpu audio_features.augment_on_device=False sentence_features.padding=longest \
