@@ -16,9 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from data_loaders.audio_cache import source_fingerprint
 from data_loaders.clotho_v2 import ClipCaptions
+from models.retrieval_model import RetrievalModel
 from utils.files import replaced_atomically
 
 FORMAT_VERSION = 1
@@ -59,6 +62,27 @@ def write_embeddings(source: EmbeddingSource, windows: dict[str, torch.Tensor], 
     save_atomically({**header, "pooling": pooling, "windows": windows, "masks": masks}, audio_path)
     save_atomically({**header, "captions": captions}, caption_path)
     return audio_path, caption_path
+
+
+@torch.no_grad()
+def embed_training_set(model: RetrievalModel, loader: DataLoader, clip_keys: list[str], device: torch.device,
+                       precision: str | int) -> tuple[dict, dict, dict]:
+    """Every clip and caption of a per-clip loader through `model` (in eval mode, on `device`) under the autocast of
+    a Lightning `precision` ("16-mixed", "bf16-mixed", "32", ...): clip key (`clip_keys[clip_index]`) -> windows
+    (windows, dim) and mask (windows,), caption text -> (dim,), all float32 on the CPU."""
+    dtype = {"16": torch.float16, "bf": torch.bfloat16}.get(str(precision)[:2])
+    windows, masks, captions = {}, {}, {}
+    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        for batch in tqdm(loader, desc="embedding the training set", unit="batch"):
+            sequences, mask = model.encode_audio(batch["audio"].to(device), batch["audio_length"].to(device))
+            texts = [caption for clip_captions in batch["captions"] for caption in clip_captions]
+            # clone: a row of a batch tensor would be saved with the whole batch's storage
+            embedded = model.encode_text(texts).float().cpu()
+            captions.update((text, vector.clone()) for text, vector in zip(texts, embedded))
+            for row, clip_index in enumerate(batch["clip_index"].tolist()):
+                key = clip_keys[clip_index]
+                windows[key], masks[key] = sequences[row].float().cpu().clone(), mask[row].cpu().clone()
+    return windows, masks, captions
 
 
 @dataclass(frozen=True)

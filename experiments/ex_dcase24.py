@@ -17,12 +17,12 @@ import torch
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger
 from sacred import Experiment
-from tqdm import tqdm
 
 from data_loaders.audio_cache import stale_clips
 from data_loaders.clotho_v2 import SPLITS, captions_csv, clotho_v2, load_multi_match, load_split, read_captions
 from data_loaders.data_loader import data_loader, get_data_loader, get_dataset
-from data_loaders.stored_embeddings import EmbeddingSource, load_stored_embeddings, write_embeddings
+from data_loaders.stored_embeddings import (EmbeddingSource, embed_training_set, load_stored_embeddings,
+                                            write_embeddings)
 from experiments.config_schema import LEARNING_RATE_KEYS, TEST_WEIGHTS, validate_config
 from experiments.retrieval_module import OptimisationSettings, RetrievalModule
 from experiments.tracking import (PROFILE_TRACE, RUN_FOLDER_VARIABLE, BackgroundCheckpointIO, BestCheckpoint,
@@ -578,20 +578,10 @@ def cmd_generate_embeddings(train_on: str, clotho_v2: dict, audio_features: dict
     dataset = get_dataset("train", per_clip=True, decode_workers=data_loader["n_workers"])
     loader = get_data_loader(dataset, train=False)
     device = torch.device("cuda" if uses_cuda(accelerator) else "cpu")
-    dtype = {"16": torch.float16, "bf": torch.bfloat16}.get(str(precision)[:2])
-    model.eval().to(device)
     start = time.perf_counter()
-    windows, masks, captions = {}, {}, {}
-    with torch.no_grad(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        for batch in tqdm(loader, desc="embedding the training set", unit="batch"):
-            sequences, mask = model.encode_audio(batch["audio"].to(device), batch["audio_length"].to(device))
-            texts = [caption for clip_captions in batch["captions"] for caption in clip_captions]
-            # clone: a row of a batch tensor would be saved with the whole batch's storage
-            embedded = model.encode_text(texts).float().cpu()
-            captions.update((text, vector.clone()) for text, vector in zip(texts, embedded))
-            for row, clip_index in enumerate(batch["clip_index"].tolist()):
-                key = f"{audio_folder.name}/{clips[clip_index].file_name}"
-                windows[key], masks[key] = sequences[row].float().cpu().clone(), mask[row].cpu().clone()
+    windows, masks, captions = embed_training_set(model.eval().to(device), loader,
+                                                  [f"{audio_folder.name}/{clip.file_name}" for clip in clips],
+                                                  device, precision)
     pooling = {"aggregate": audio_features["aggregate"], "shared_size": shared_representation_size,
                "normalize": normalize, "tap_hyperparams": dict(tap_hyperparams),
                "state_dict": {name: tensor.cpu() for name, tensor in model.pooling.state_dict().items()}}
