@@ -49,5 +49,7 @@ train: prepare  ## the memory-lean single-GPU recipe; TRAIN_ARGS="key=value ..."
 download-dataset: prepare  ## Clotho v2.1 (+ the published Phi-4 captions) into $(DATA_DIR)/clotho_v2
 	scripts/download_clothov2.sh --data-dir "$(DATA_DIR)" --with-phi4-captions
 
-benchmark: prepare  ## throughput and evaluation time; figures go to benchmarks/RESULTS.md by hand
+benchmark: prepare  ## this machine's speed: model step per lever, loader and its parts, TAP scoring (RESULTS.md by hand)
 	$(PYTHON) -m benchmarks.bench_stage1 step
+	$(PYTHON) -m benchmarks.bench_loader --parts
+	$(PYTHON) -m benchmarks.bench_tap_scoring
