@@ -516,7 +516,7 @@ def bench_fit(args: argparse.Namespace) -> None:
                 f"audio_features.model_config.s_patchout_t={config['patchout'][0]}",
                 f"audio_features.model_config.s_patchout_f={config['patchout'][1]}",
                 f"profile_steps={args.profile_steps}", *args.settings]
-    run_seconds, per_epoch, run_folder = run_experiment(data_dir, settings)
+    run_seconds, per_epoch, run_folder = run_experiment(data_dir, settings, args.log_file and Path(args.log_file))
     logged = {"run_seconds": run_seconds, **per_epoch[args.epochs - 1]}  # the last unprofiled epoch: warm
     if args.profile_steps:  # the summary, and the trace beside it (the run folder may stay on a lent machine)
         logged["time/profiled_step_ms"] = per_epoch[epochs - 1]["time/profiled_step_ms"]
@@ -538,15 +538,22 @@ def bench_fit(args: argparse.Namespace) -> None:
                if rate else {})}, args.json)  # no steady rate in an epoch of 10 batches or fewer
 
 
-def run_experiment(data_dir: Path, settings: list[str]) -> tuple[float, dict[int, dict[str, float]], Path]:
+def run_experiment(data_dir: Path, settings: list[str],
+                   log_path: Path | None = None) -> tuple[float, dict[int, dict[str, float]], Path]:
     """One `python -m experiments.ex_dcase24 with ...` run: its wall time, each epoch's `time/*` and `memory/*`
-    figures, and its run folder."""
-    start = time.perf_counter()
-    completed = subprocess.run([sys.executable, "-m", "experiments.ex_dcase24", "with", *settings],
-                               env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True)
-    wall = time.perf_counter() - start
+    figures, and its run folder. Its output is appended to `log_path` (default: data_dir/experiment.log) as it
+    comes, after a line naming the settings, so that a run stopped by a time limit still shows how far it got."""
+    log_path = log_path or data_dir / "experiment.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a") as log:
+        log.write(f"=== {time.strftime('%H:%M:%S')} ex_dcase24 with {' '.join(settings)}\n")
+        log.flush()
+        start = time.perf_counter()
+        completed = subprocess.run([sys.executable, "-m", "experiments.ex_dcase24", "with", *settings],
+                                   env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=log, stderr=subprocess.STDOUT)
+        wall = time.perf_counter() - start
     if completed.returncode:
-        sys.exit(f"training run failed:\n{completed.stdout[-3000:]}\n{completed.stderr[-3000:]}")
+        sys.exit(f"training run failed (its output: {log_path}):\n{log_path.read_text()[-6000:]}")
     (metrics_file,) = sorted((data_dir / "runs").glob("*/logs/version_0/metrics.csv"), key=os.path.getmtime)[-1:]
     per_epoch: dict[int, dict[str, float]] = {}
     with open(metrics_file) as handle:
@@ -649,6 +656,7 @@ def main() -> None:
     fit.add_argument("--profile-steps", type=int, default=0, help="trace this many steps of one more epoch "
                      "(profile_steps=N) and write the GPU's busy time per step and its kinds of kernel")
     fit.add_argument("--profile-file", default="fit_profile.txt")
+    fit.add_argument("--log-file", help="append the training run's output here (default: DATA_DIR/experiment.log)")
     fit.add_argument("settings", nargs="*", help="further key=value settings of the experiment")
     for command, earlier in ((step, "; runs 1-4 of benchmarks/RESULTS.md: 0 0"), (fit, "")):
         command.add_argument("--patchout", type=int, nargs=2, metavar=("TIME", "FREQUENCY"),

@@ -2,7 +2,8 @@
 # The GPU figures of benchmarks/RESULTS.md in one go, results as JSON lines in the folder given (default:
 # benchmarks/gpu_results). By default what one device command (at most 9.1 minutes) must bring: `fast_gpu` end to
 # end as shipped (on a fresh machine the HDF5 cache is written first and every kernel compiled), with 10 steps of
-# one more epoch profiled (does the real loop wait for the GPU, or the GPU for the host and the loader?), then, in
+# one more epoch profiled (does the real loop wait for the GPU, or the GPU for the host and the loader?; up to 7.5
+# minutes, the run's output in fit_run.log as it comes, so a fit stopped by its limit shows how far it got), then, in
 # the time left, the CUDA-graph step, its error against eager and its profile, then the real windows only under
 # CUDA graphs, warmed up on every window total. The step trains with the published patchout since 2026-11-27; runs
 # 1-4 did not (`--patchout 0 0` repeats them). AUTOTUNE=1 runs instead the one GPU lever left untried,
@@ -23,7 +24,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 python=${PYTHON:-python3}
 step=("$python" -m benchmarks.bench_stage1 --json "$out/step.jsonl" step --config baseline --steps 30 --warmup 8)
 fit=("$python" -m benchmarks.bench_stage1 --json "$out/fit.jsonl" fit --config baseline --data-dir /tmp/bench_fit
-     --clips 300 1045 20 --epochs 2 --workers 12 --profile-file "$out/fit_profile.txt")
+     --clips 300 1045 20 --epochs 2 --workers 12 --profile-file "$out/fit_profile.txt" --log-file "$out/fit_run.log")
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/machine.txt"
 $python -c "import torch, transformers, lightning; print('torch', torch.__version__, 'transformers', \
 transformers.__version__, 'lightning', lightning.__version__, 'cpus', __import__('os').cpu_count())" | tee -a "$out/machine.txt"
@@ -44,7 +45,7 @@ if [ "${AUTOTUNE:-0}" = 1 ]; then
     timeout 550 "${step[@]}" --levers cuda_graphs max_autotune --evaluate-after --profile-after max_autotune \
         --profile-file "$out/profile_max_autotune.txt"
 else
-    timeout 370 "${fit[@]}" --profile-steps 10 fast_gpu  # writes the data set and cache first (cold: over 240 s)
+    timeout 450 "${fit[@]}" --profile-steps 10 fast_gpu  # writes the data set and cache first (cold: over 240 s)
     timeout $((545 - SECONDS)) "${step[@]}" --levers cuda_graphs real_windows_graphs --evaluate-after \
         --profile-after cuda_graphs --profile-file "$out/profile_cuda_graphs.txt"  # rows kept as each finishes
 fi

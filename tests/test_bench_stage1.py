@@ -40,10 +40,19 @@ def test_model_flops_count_only_the_patches_patchout_keeps(tmp_path: Path):
 
 def test_the_fit_reports_an_unprofiled_epoch_and_traces_steps_of_the_last(data_dir: Path):
     """`fit --profile-steps` through the command line: 30 captions in batches of 1, 2 epochs; the last epoch's batches
-    10-12 are traced into the run folder, whole, and the figures reported are the first epoch's."""
+    10-12 are traced into the run folder, whole, and the figures reported are the first epoch's. The run's output
+    is appended to the log as it comes."""
+    log = data_dir / "out" / "fit_run.log"
+    log.parent.mkdir()
+    log.write_text("an earlier run\n")
     run_seconds, per_epoch, run_folder = run_experiment(
         data_dir, ["demo", f"directories.data_dir={data_dir}", "max_epochs=2", "data_loader.batch_size=1",
-                   "data_loader.n_workers=0", "profile_steps=3"])
+                   "data_loader.n_workers=0", "profile_steps=3"], log)
+    earlier, header, *output = log.read_text().splitlines()
+    assert earlier == "an earlier run" and header.endswith("ex_dcase24 with demo directories.data_dir="
+                                                           f"{data_dir} max_epochs=2 data_loader.batch_size=1 "
+                                                           "data_loader.n_workers=0 profile_steps=3")
+    assert any("Completed after" in line for line in output)  # Sacred's last line, on stderr
     with gzip.open(run_folder / PROFILE_TRACE, "rt") as handle:
         events = json.load(handle)["traceEvents"]
     assert sum(event.get("name", "").startswith("Optimizer.step#AdamW.step") for event in events) == 3
@@ -110,3 +119,12 @@ def test_autotune_differs_from_the_cuda_graph_step_in_its_compile_mode_alone():
     """AUTOTUNE=1 times these two against each other; `real_windows_graphs`, listed between them, must not leak in."""
     changed = {key for key in LEVERS["cuda_graphs"] if LEVERS["cuda_graphs"][key] != LEVERS["max_autotune"][key]}
     assert changed == {"compile"}
+
+
+def test_a_failed_run_names_its_log_and_shows_its_end(data_dir: Path):
+    log = data_dir / "experiment.log"
+    with pytest.raises(SystemExit) as failed:
+        run_experiment(data_dir, ["demo", f"directories.data_dir={data_dir}", "max_epochs=0"])
+    message = str(failed.value)
+    assert f"training run failed (its output: {log})" in message and "max_epochs=0: expected >= 1" in message
+    assert message.endswith(log.read_text()[-200:])
