@@ -5,7 +5,7 @@
 A run writes its weights and AdamW's two moments once or twice per epoch (`last.ckpt`, and `best-*.ckpt` when
 validation improves): for PaSST ap468 and RoBERTa-large, 440.4 M parameters in 545 tensors, 5.3 GB. The checkpoint
 here has that structure, scaled by `--scale`, with random values on `--device`. Lightning's `TorchCheckpointIO`
-pickles the whole checkpoint into memory and then writes the bytes; `FileCheckpointIO` (experiments/tracking.py)
+pickles the whole checkpoint into memory and then writes the bytes; `FileCheckpointIO` (experiments/checkpointing.py)
 pickles straight into a temporary file renamed over the target; `BackgroundCheckpointIO`
 (`background_checkpoints=True`) copies the tensors into host memory that it keeps from save to save and writes
 from a thread. Each write is timed until the call returns (what a run waits for) and until `os.sync` has flushed
@@ -24,7 +24,7 @@ import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 
 from benchmarks.bench_stage1 import machine, report
-from experiments.tracking import BackgroundCheckpointIO, FileCheckpointIO
+from experiments.checkpointing import BackgroundCheckpointIO, FileCheckpointIO
 
 BASELINE_PARAMETERS = 440.4e6  # PaSST ap468 (85.3 M) and RoBERTa-large (354.3 M) with the audio projection
 BASELINE_TENSORS = 545

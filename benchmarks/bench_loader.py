@@ -22,7 +22,6 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-import torch
 from torch.utils.data import DataLoader
 
 from benchmarks.bench_stage1 import machine, report, write_noise_dataset

@@ -59,7 +59,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.kernel_breakdown import breakdown
 from data_loaders.demo_data import EVENTS, TEXT_MODEL_FOLDER, caption_for, write_captions_csv, write_text_model
-from experiments.tracking import CHECKPOINT_SECONDS, PROFILE_TRACE
+from experiments.checkpointing import CHECKPOINT_SECONDS
+from experiments.tracking import PROFILE_TRACE
 from models.audio.passt import MEL_SETTINGS, SAMPLE_RATE, PasstEncoder
 from models.audio.windowing import split_into_windows
 from models.losses import multi_positive_contrastive_loss

@@ -25,10 +25,11 @@ from data_loaders.stored_embeddings import (EmbeddingSource, embed_training_set,
                                             write_embeddings)
 from experiments.config_schema import LEARNING_RATE_KEYS, TEST_WEIGHTS, validate_config
 from experiments.retrieval_module import OptimisationSettings, RetrievalModule
-from experiments.tracking import (PROFILE_TRACE, RUN_FOLDER_VARIABLE, BackgroundCheckpointIO, BestCheckpoint,
-                                  FileCheckpointIO, LastEpochCheckpoint, ProfiledSteps, SacredMetrics, Throughput,
-                                  TrainingProgressBar, fit_recording_interrupts, last_checkpoint,
-                                  prepare_observer_options, route_mongo_failures)
+from experiments.checkpointing import (BackgroundCheckpointIO, BestCheckpoint, FileCheckpointIO, LastEpochCheckpoint,
+                                       last_checkpoint)
+from experiments.tracking import (PROFILE_TRACE, RUN_FOLDER_VARIABLE, ProfiledSteps, SacredMetrics, Throughput,
+                                  TrainingProgressBar, fit_recording_interrupts, prepare_observer_options,
+                                  route_mongo_failures)
 from models.audio.passt import PasstEncoder, pretrained_weights_path
 from models.pooling import POOLINGS, Pooling, make_pooling
 from models.retrieval_model import RetrievalModel

@@ -266,7 +266,7 @@ def fit_falling(folder: Path, max_epochs: int, resume: str | None = None, module
     """The experiment's own trainer (build_trainer) on FallingValidation (or `module`): (last checkpoint, best
     checkpoint)."""
     from experiments.ex_dcase24 import build_trainer
-    from experiments.tracking import last_checkpoint
+    from experiments.checkpointing import last_checkpoint
 
     @ex.command(unobserved=True)
     def fit_falling_validation():
@@ -339,7 +339,7 @@ def test_background_checkpoints_do_not_hold_epochs_that_replace_the_best(tmp_pat
 
 
 def test_a_checkpoint_write_that_fails_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
-    from experiments.tracking import FileCheckpointIO
+    from experiments.checkpointing import FileCheckpointIO
 
     path = tmp_path / "checkpoints" / "last.ckpt"
     FileCheckpointIO().save_checkpoint({"epoch": 0}, path)
