@@ -253,7 +253,6 @@ def time_training(model: RetrievalModel, lever: dict, warmup: Iterable[dict], ti
     synchronize(device)
     seconds = time.perf_counter() - start
     waits = host_waits(lambda: training_step(model, optimizer, scaler, timed[0], device, lever), device)
-    del optimizer
     return {"seconds": seconds, "samples_per_second": sum(len(b["caption"]) for b in timed) / seconds,
             # allocated misses what replayed CUDA graphs use (their recording reserved it); reserved holds it
             "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
