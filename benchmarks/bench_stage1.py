@@ -516,7 +516,8 @@ def bench_fit(args: argparse.Namespace) -> None:
                 f"audio_features.model_config.s_patchout_t={config['patchout'][0]}",
                 f"audio_features.model_config.s_patchout_f={config['patchout'][1]}",
                 f"profile_steps={args.profile_steps}", *args.settings]
-    run_seconds, per_epoch, run_folder = run_experiment(data_dir, settings, args.log_file and Path(args.log_file))
+    log_file = Path(args.log_file) if args.log_file else None
+    run_seconds, per_epoch, run_folder = run_experiment(data_dir, settings, log_file)
     logged = {"run_seconds": run_seconds, **per_epoch[args.epochs - 1]}  # the last unprofiled epoch: warm
     if args.profile_steps:  # the summary, and the trace beside it (the run folder may stay on a lent machine)
         logged["time/profiled_step_ms"] = per_epoch[epochs - 1]["time/profiled_step_ms"]
