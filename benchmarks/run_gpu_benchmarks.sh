@@ -16,7 +16,8 @@
 # settings (fp16 autocast, eager) do, on the TAP demo of a data set it was never tuned on, seed by seed
 # (benchmarks/bench_learning.py; on a CPU only its levers without CUDA graphs could run). REAL_SIZE=1 runs instead
 # the end-to-end fit on a data set of Clotho's sizes (3,839 / 1,045 / 1,045 clips; at most 9.5 minutes).
-# Each part has its own time limit, so a slow part cannot take the others' figures with it.
+# Each part has its own time limit, so a slow part cannot take the others' figures with it. COMPILE_CACHE=FILE hands
+# every compiled fit `compile_cache=FILE`: read first if it exists (what an earlier machine compiled), rewritten after.
 set -u
 out=${1:-benchmarks/gpu_results}
 mkdir -p "$out"
@@ -25,6 +26,7 @@ python=${PYTHON:-python3}
 step=("$python" -m benchmarks.bench_stage1 --json "$out/step.jsonl" step --config baseline --steps 30 --warmup 8)
 fit=("$python" -m benchmarks.bench_stage1 --json "$out/fit.jsonl" fit --config baseline --data-dir /tmp/bench_fit
      --clips 300 1045 20 --epochs 2 --workers 12 --profile-file "$out/fit_profile.txt" --log-file "$out/fit_run.log")
+cached=(${COMPILE_CACHE:+"compile_cache=$COMPILE_CACHE"})
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/machine.txt"
 $python -c "import torch, transformers, lightning; print('torch', torch.__version__, 'transformers', \
 transformers.__version__, 'lightning', lightning.__version__, 'cpus', __import__('os').cpu_count())" | tee -a "$out/machine.txt"
@@ -38,14 +40,14 @@ if [ "${LEARNING:-0}" = 1 ]; then  # rows are kept as each run finishes, so a ti
 fi
 if [ "${REAL_SIZE:-0}" = 1 ]; then  # Clotho's sizes, as the issue asks: ~1 minute per epoch, 1,199 timed steps
     timeout 570 "$python" -m benchmarks.bench_stage1 --json "$out/fit.jsonl" fit --config baseline \
-        --data-dir /tmp/bench_fit_real --clips 3839 1045 1045 --epochs 2 --workers 12 fast_gpu
+        --data-dir /tmp/bench_fit_real --clips 3839 1045 1045 --epochs 2 --workers 12 fast_gpu "${cached[@]}"
     exit
 fi
 if [ "${AUTOTUNE:-0}" = 1 ]; then
     timeout 550 "${step[@]}" --levers cuda_graphs max_autotune --evaluate-after --profile-after max_autotune \
         --profile-file "$out/profile_max_autotune.txt"
 else
-    timeout 450 "${fit[@]}" --profile-steps 10 fast_gpu  # writes the data set and cache first (cold: over 240 s)
+    timeout 450 "${fit[@]}" --profile-steps 10 fast_gpu "${cached[@]}"  # the data set and cache first (cold: 240+ s)
     timeout $((545 - SECONDS)) "${step[@]}" --levers cuda_graphs real_windows_graphs --evaluate-after \
         --profile-after cuda_graphs --profile-file "$out/profile_cuda_graphs.txt"  # rows kept as each finishes
 fi
@@ -55,7 +57,7 @@ if [ "${ALL:-0}" = 1 ]; then
         --json "$out/checkpoint.jsonl"
     timeout 120 $python -m benchmarks.bench_loader --clips 120 --workers 0 12 --batches 30 --parts \
         --pin-memory --json "$out/loader.jsonl"
-    timeout 250 "${fit[@]}" fast_gpu audio_features.embed_all_windows=False
+    timeout 250 "${fit[@]}" fast_gpu audio_features.embed_all_windows=False "${cached[@]}"
     timeout 200 "${step[@]}" --levers host_count all_windows mel_front_end on_device --evaluate-after
     timeout 170 "${fit[@]}" fast_gpu audio_features.augment_on_device=False sentence_features.padding=longest \
         compile=False compile_mode=default  # fast_gpu before the CUDA graphs

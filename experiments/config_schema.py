@@ -139,6 +139,7 @@ class Stage1Config(Section):
     normalize: bool
     compile: bool
     compile_mode: Literal[COMPILE_MODES]
+    compile_cache: Optional[str]
     precision: Any
     accumulate_grad_batches: Count
     gradient_clip_val: Optional[NonNegative]
@@ -228,6 +229,14 @@ def cross_key_problems(config: Stage1Config) -> list[str]:
                         f"{config.accumulate_grad_batches}: CUDA graphs hand back each step's gradients in memory "
                         f"that the next step's replay overwrites, so accumulated gradients come out wrong or the run "
                         f"stops (pytorch/pytorch#169545); use compile_mode=default, or accumulate_grad_batches=1")
+    if config.compile_cache is not None:
+        cache = Path(config.compile_cache).expanduser()
+        if not config.compile:
+            problems.append(f"compile_cache={config.compile_cache!r} with compile=False: nothing would be compiled; "
+                            f"set compile=True or drop compile_cache")
+        elif cache.exists() and not cache.is_file():
+            problems.append(f"compile_cache={config.compile_cache!r} is not a file (a folder?): name the file to "
+                            f"read and write, e.g. compile_cache=~/compile_cache.bin")
     try:
         resolve_text_model(config.sentence_features.model, config.directories.data_dir)
     except ValueError as error:

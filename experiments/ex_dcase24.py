@@ -38,6 +38,7 @@ from models.text.transformer import TextEncoder, resolve_text_model, text_model_
 from search.index import check_model, file_scores, model_fingerprint, read_index, top_files, update_index
 from search.page import render_page, write_ranked_csv, write_similarity_csv
 from utils.checkpoints import checkpoint_folder, load_model_weights, read_checkpoint, resolve_checkpoint
+from utils.compile_cache import load_compile_cache, save_compile_cache
 from utils.directories import directories, get_data_dir
 from utils.distributed import is_rank_zero
 from utils.figures import save_training_curves
@@ -123,6 +124,8 @@ def default_config():
     normalize = True  # L2-normalise embeddings (cosine similarity)
     compile = False  # torch.compile both encoders (the first steps of each new shape pay for the compilation)
     compile_mode = "default"  # default | reduce-overhead (CUDA graphs: wants fixed shapes) | max-autotune
+    compile_cache = None  # a file of compiled kernels: read before compiling if it exists, rewritten after the run
+    # (a fresh machine then skips most of the compilation; README, "Training speed on one GPU")
     precision = "16-mixed"  # Lightning precision: 16-mixed (fp16 AMP, published) | bf16-mixed | 32
     accumulate_grad_batches = 1
     gradient_clip_val = None
@@ -628,7 +631,7 @@ def build_teachers(distill_weight: float, distill_from: str | None, train_on: st
 
 @ex.main
 def train_and_evaluate(resume_training: str | None, seed: int, test_weights: str, positive_weighting: str,
-                       loss_weight: float, distill_weight: float, _run) -> dict[str, float]:
+                       loss_weight: float, distill_weight: float, compile_cache: str | None, _run) -> dict[str, float]:
     """Trains, then tests the weights `test_weights` selects (and logs the other's metrics as test_<other>/*).
 
     Checks run in the order that costs least when they fail: config, data files, checkpoints and stored
@@ -644,6 +647,8 @@ def train_and_evaluate(resume_training: str | None, seed: int, test_weights: str
         read_checkpoint(resume_training, "resume_training", needs=("state_dict", "optimizer_states", "loops"))
     teachers = build_teachers()
     check_weights()
+    if compile_cache:
+        print(f"compile cache: {load_compile_cache(compile_cache)} artifacts read from {compile_cache}")
     L.seed_everything(seed, workers=True)
     model = build_model()
     if checkpoint:
@@ -670,6 +675,8 @@ def train_and_evaluate(resume_training: str | None, seed: int, test_weights: str
         results[name] = evaluate_checkpoint(trainer, module, loaders["test"], checkpoints[name], prefix)
         print(f"test split, {name} weights ({prefix}/*): {metrics_line(results[name], chance)}")
     _run.info[f"test_{other}"] = results[other]
+    if compile_cache and is_rank_zero():  # after the tests: their graphs are in it too
+        print(f"compile cache: {save_compile_cache(compile_cache)} artifacts written to {compile_cache}")
     return results[test_weights]
 
 
