@@ -17,7 +17,7 @@
 # (benchmarks/bench_learning.py; on a CPU only its levers without CUDA graphs could run). REAL_SIZE=1 runs instead
 # the end-to-end fit on a data set of Clotho's sizes (3,839 / 1,045 / 1,045 clips; at most 9.5 minutes).
 # Each part has its own time limit, so a slow part cannot take the others' figures with it. COMPILE_CACHE=FILE hands
-# every compiled fit `compile_cache=FILE`: read first if it exists (what an earlier machine compiled), rewritten after.
+# every compiled fit `compile_cache=FILE`: read first if it exists (what an earlier machine compiled), then rewritten.
 set -u
 out=${1:-benchmarks/gpu_results}
 mkdir -p "$out"

@@ -1,5 +1,6 @@
 """Checkpoints of a training run: which ones it keeps (best, last), how long saving them holds the run, and how they
-are written (atomically; with `background_checkpoints`, by a thread while training goes on)."""
+are written (atomically; with `background_checkpoints`, by a thread while training goes on); and the compiled
+kernels a run leaves for the next machine (`compile_cache`)."""
 from __future__ import annotations
 
 import concurrent.futures
@@ -14,6 +15,7 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from utils.checkpoints import LAST_CHECKPOINT
+from utils.compile_cache import save_compile_cache
 from utils.files import replaced_atomically
 
 CHECKPOINT_SECONDS = "time/checkpoint_seconds"  # what an epoch's checkpoint saves held the run (`TimedCheckpoint`)
@@ -179,3 +181,25 @@ def last_checkpoint(trainer: L.Trainer) -> str:
     """The path of the last finished epoch's checkpoint ('' before the first one)."""
     return next((callback.best_model_path for callback in trainer.checkpoint_callbacks
                  if isinstance(callback, LastEpochCheckpoint)), "")
+
+
+class CompileCacheCheckpoint(L.Callback):
+    """Writes `compile_cache` once the run's first epoch has compiled the training and validation graphs, so that a
+    run stopped later (a time limit, a preempted node) leaves them for the next machine, and again after each test
+    pass, whose graphs it adds."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._written_after_training = False
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if not self._written_after_training:
+            self._written_after_training = True
+            self._write(trainer)
+
+    def on_test_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._write(trainer)
+
+    def _write(self, trainer: L.Trainer) -> None:
+        if trainer.is_global_zero:  # every rank compiled the same graphs
+            print(f"compile cache: {save_compile_cache(self.path)} artifacts written to {self.path}", flush=True)

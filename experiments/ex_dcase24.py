@@ -25,8 +25,8 @@ from data_loaders.stored_embeddings import (EmbeddingSource, embed_training_set,
                                             write_embeddings)
 from experiments.config_schema import LEARNING_RATE_KEYS, TEST_WEIGHTS, validate_config
 from experiments.retrieval_module import OptimisationSettings, RetrievalModule
-from experiments.checkpointing import (BackgroundCheckpointIO, BestCheckpoint, FileCheckpointIO, LastEpochCheckpoint,
-                                       last_checkpoint)
+from experiments.checkpointing import (BackgroundCheckpointIO, BestCheckpoint, CompileCacheCheckpoint, FileCheckpointIO,
+                                       LastEpochCheckpoint, last_checkpoint)
 from experiments.tracking import (PROFILE_TRACE, RUN_FOLDER_VARIABLE, ProfiledSteps, SacredMetrics, Throughput,
                                   TrainingProgressBar, fit_recording_interrupts, prepare_observer_options,
                                   route_mongo_failures)
@@ -38,7 +38,7 @@ from models.text.transformer import TextEncoder, resolve_text_model, text_model_
 from search.index import check_model, file_scores, model_fingerprint, read_index, top_files, update_index
 from search.page import render_page, write_ranked_csv, write_similarity_csv
 from utils.checkpoints import checkpoint_folder, load_model_weights, read_checkpoint, resolve_checkpoint
-from utils.compile_cache import load_compile_cache, save_compile_cache
+from utils.compile_cache import load_compile_cache
 from utils.directories import directories, get_data_dir
 from utils.distributed import is_rank_zero
 from utils.figures import save_training_curves
@@ -124,8 +124,8 @@ def default_config():
     normalize = True  # L2-normalise embeddings (cosine similarity)
     compile = False  # torch.compile both encoders (the first steps of each new shape pay for the compilation)
     compile_mode = "default"  # default | reduce-overhead (CUDA graphs: wants fixed shapes) | max-autotune
-    compile_cache = None  # a file of compiled kernels: read before compiling if it exists, rewritten after the run
-    # (a fresh machine then skips most of the compilation; README, "Training speed on one GPU")
+    compile_cache = None  # a file of compiled kernels: read before compiling if it exists, rewritten after the first
+    # epoch and each test (a fresh machine then skips most of the compilation; README, "Training speed on one GPU")
     precision = "16-mixed"  # Lightning precision: 16-mixed (fp16 AMP, published) | bf16-mixed | 32
     accumulate_grad_batches = 1
     gradient_clip_val = None
@@ -351,8 +351,9 @@ def build_loggers(folder: Path, use_wandb: bool, wandb_project: str, wandb_entit
 @ex.capture
 def build_trainer(folder: Path, max_epochs: int, precision, accumulate_grad_batches: int, gradient_clip_val,
                   accelerator: str, devices, num_nodes: int, strategy: str, monitor: str, log_every_n_steps: int,
-                  profile_steps: int, background_checkpoints: bool, _run) -> L.Trainer:
+                  profile_steps: int, background_checkpoints: bool, compile_cache: str | None, _run) -> L.Trainer:
     profiled = [ProfiledSteps(folder / PROFILE_TRACE, profile_steps)] if profile_steps else []
+    compiled = [CompileCacheCheckpoint(compile_cache)] if compile_cache else []
     return L.Trainer(max_epochs=max_epochs, precision=precision, accumulate_grad_batches=accumulate_grad_batches,
                      gradient_clip_val=gradient_clip_val, accelerator=accelerator, devices=devices,
                      num_nodes=num_nodes, strategy=strategy, default_root_dir=folder, logger=build_loggers(folder),
@@ -361,7 +362,7 @@ def build_trainer(folder: Path, max_epochs: int, precision, accumulate_grad_batc
                                 LastEpochCheckpoint(folder / "checkpoints"),
                                 LearningRateMonitor(logging_interval="step"), Throughput(),
                                 SacredMetrics(_run), TrainingProgressBar(refresh_rate=PROGRESS_BAR_REFRESH_STEPS),
-                                *profiled],
+                                *profiled, *compiled],
                      plugins=[BackgroundCheckpointIO() if background_checkpoints else FileCheckpointIO()],
                      log_every_n_steps=log_every_n_steps, num_sanity_val_steps=0)
 
@@ -675,8 +676,6 @@ def train_and_evaluate(resume_training: str | None, seed: int, test_weights: str
         results[name] = evaluate_checkpoint(trainer, module, loaders["test"], checkpoints[name], prefix)
         print(f"test split, {name} weights ({prefix}/*): {metrics_line(results[name], chance)}")
     _run.info[f"test_{other}"] = results[other]
-    if compile_cache and is_rank_zero():  # after the tests: their graphs are in it too
-        print(f"compile cache: {save_compile_cache(compile_cache)} artifacts written to {compile_cache}")
     return results[test_weights]
 
 
