@@ -202,4 +202,6 @@ class CompileCacheCheckpoint(L.Callback):
 
     def _write(self, trainer: L.Trainer) -> None:
         if trainer.is_global_zero:  # every rank compiled the same graphs
-            print(f"compile cache: {save_compile_cache(self.path)} artifacts written to {self.path}", flush=True)
+            message = f"compile cache: {save_compile_cache(self.path)} artifacts written to {self.path}"
+            bar = trainer.progress_bar_callback  # its print keeps the bar's line whole
+            (bar.print if bar is not None else print)(message)
