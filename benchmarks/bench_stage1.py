@@ -47,6 +47,7 @@ import time
 import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, nullcontext
+from functools import partial
 from pathlib import Path
 from unittest import mock
 
@@ -60,6 +61,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from benchmarks.kernel_breakdown import breakdown
 from data_loaders.demo_data import EVENTS, TEXT_MODEL_FOLDER, caption_for, write_captions_csv, write_text_model
 from experiments.checkpointing import CHECKPOINT_SECONDS
+from experiments.retrieval_module import recorded_step_inputs, recorded_step_loss
 from experiments.tracking import PROFILE_TRACE
 from models.audio.passt import MEL_SETTINGS, SAMPLE_RATE, PasstEncoder
 from models.audio.windowing import split_into_windows
@@ -69,6 +71,7 @@ from models.retrieval_model import RetrievalModel
 from models.text.transformer import TextEncoder
 from utils.figures import pyplot, save_figure
 from utils.metrics import retrieval_metrics
+from utils.step_graph import RecordedStep
 
 CLOTHO_DEVELOPMENT_CLIPS, CLOTHO_EVAL_CLIPS = 3839, 1045
 CAPTIONS_PER_CLIP = 5
@@ -85,7 +88,7 @@ CONFIGS = {
                      crop_seconds=None, patchout=(15, 2)),
 }
 PUBLISHED = dict(precision="fp16", attention=False, fused_adamw=False, count_on_host=False, all_windows=False,
-                 fast_front_end=False, on_device=False, padding="longest", compile=None)
+                 fast_front_end=False, on_device=False, padding="longest", compile=None, recorded_step=False)
 # Cumulative: each lever keeps the ones before it.
 LEVER_CHANGES = {
     "published": ({}, "fp16 AMP + GradScaler, explicit attention, for-each AdamW"),
@@ -105,6 +108,9 @@ LEVER_CHANGES = {
     "max_autotune": (dict(compile="max-autotune", all_windows=True),  # on cuda_graphs, not real_windows_graphs
                      "+ matrix kernels chosen by timing (mode max-autotune, CUDA graphs too; every window embedded, "
                      "as in cuda_graphs)"),
+    "recorded_step": (dict(compile="default", recorded_step=True),  # on cuda_graphs' settings but the compile mode
+                      "+ the whole forward and backward pass recorded as one CUDA graph (cuda_graph_step; the "
+                      "encoders compiled in mode default inside it)"),
 }
 
 
@@ -199,8 +205,14 @@ def window_total(model: RetrievalModel, batch: dict) -> int:
     return model.audio_encoder.real_window_count(batch["audio"].shape[1], batch["host_length"])
 
 
-def training_step(model: RetrievalModel, optimizer, scaler, batch: dict, device: str, lever: dict) -> None:
-    """As the Lightning module's step, which counts the real windows before the batch moves to the device."""
+def training_step(model: RetrievalModel, optimizer, scaler, batch: dict, device: str, lever: dict,
+                  recorded: RecordedStep | None = None) -> None:
+    """As the Lightning module's step, which counts the real windows before the batch moves to the device.
+    `recorded`: the `recorded_step` lever's step, replayed once recorded."""
+    if recorded is not None:
+        with autocast(device, lever["precision"]):
+            recorded(recorded_step_inputs(model, batch, torch.device(device)), optimizer)
+        return
     real_windows = window_total(model, batch) if lever["count_on_host"] else None
     with autocast(device, lever["precision"]):
         windows, mask = model.encode_audio(batch["audio"], batch["audio_length"], real_windows)
@@ -236,23 +248,24 @@ def model_flop_utilisation(samples_per_second: float, tflop_per_sample: float, d
     return samples_per_second * tflop_per_sample * 1e12 / peak if peak else None
 
 
-def time_training(model: RetrievalModel, lever: dict, warmup: Iterable[dict], timed: list[dict],
-                  device: str) -> dict:
+def time_training(model: RetrievalModel, lever: dict, warmup: Iterable[dict], timed: list[dict], device: str,
+                  recorded: RecordedStep | None = None) -> dict:
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=2e-5, fused=lever["fused_adamw"] and device == "cuda")
     scaler = torch.amp.GradScaler(device) if lever["precision"] == "fp16" and device == "cuda" else None
+    step = partial(training_step, model, optimizer, scaler, device=device, lever=lever, recorded=recorded)
     model.train()
     for batch in warmup:
-        training_step(model, optimizer, scaler, batch, device, lever)
+        step(batch)
     synchronize(device)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     for batch in timed:
-        training_step(model, optimizer, scaler, batch, device, lever)
+        step(batch)
     synchronize(device)
     seconds = time.perf_counter() - start
-    waits = host_waits(lambda: training_step(model, optimizer, scaler, timed[0], device, lever), device)
+    waits = host_waits(lambda: step(timed[0]), device)
     return {"seconds": seconds, "samples_per_second": sum(len(b["caption"]) for b in timed) / seconds,
             # allocated misses what replayed CUDA graphs use (their recording reserved it); reserved holds it
             "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
@@ -306,7 +319,8 @@ def trace_beside(summary: Path) -> Path:
     return summary.with_suffix(".trace.json.gz")
 
 
-def profile_training(model: RetrievalModel, lever: dict, batches: list[dict], device: str, path: str) -> None:
+def profile_training(model: RetrievalModel, lever: dict, batches: list[dict], device: str, path: str,
+                     recorded: RecordedStep | None = None) -> None:
     """Where a step's time goes, written to `path`: the GPU's busy time and its kinds of kernel, then the operators by
     device time and by host time; the whole trace beside it (`.trace.json.gz`, for chrome://tracing or Perfetto)."""
     from torch.profiler import ProfilerActivity, profile
@@ -314,12 +328,13 @@ def profile_training(model: RetrievalModel, lever: dict, batches: list[dict], de
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-5,
                                   fused=lever["fused_adamw"] and device == "cuda")
-    training_step(model, optimizer, None, batches[0], device, lever)
+    step = partial(training_step, model, optimizer, None, device=device, lever=lever, recorded=recorded)
+    step(batches[0])
     synchronize(device)
     start = time.perf_counter()
     with profile(activities=activities) as profiler:
         for batch in batches[1:]:
-            training_step(model, optimizer, None, batch, device, lever)
+            step(batch)
         synchronize(device)
     wall = time.perf_counter() - start
     steps = len(batches) - 1
@@ -357,6 +372,19 @@ def draws_differ(model: RetrievalModel, lever: dict, batch: dict, device: str) -
     model.zero_grad(set_to_none=True)
     encoder.mel.train()
     return not torch.equal(*embedded)
+
+
+def replays_draw_afresh(model: RetrievalModel, recorded: RecordedStep, batch: dict, device: str,
+                        precision: str) -> bool:
+    """Whether two replays of the recorded step on the same batch and weights (a step of learning rate 0) give
+    different losses, as fresh random draws (patchout, the mel band edges) make them: the recorded step's own check
+    of what `draws_differ` checks for the encoders."""
+    frozen = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    losses = []
+    for _ in range(2):
+        with autocast(device, precision):
+            losses.append(recorded(recorded_step_inputs(model, batch, torch.device(device)), frozen).clone())
+    return not torch.equal(*losses)
 
 
 @torch.no_grad()
@@ -448,14 +476,18 @@ def bench_step(args: argparse.Namespace) -> None:
                                                          generator, device, seconds)
                                             for seconds in every_window_total(config)), lever_warmup)
         warmed_totals: set[int] = set()
+        recorded = RecordedStep(partial(recorded_step_loss, model)) if lever["recorded_step"] else None
         with mask_made_by(lever):
-            result = time_training(model, lever, counting_totals(model, lever_warmup, warmed_totals), timed, device)
+            result = time_training(model, lever, counting_totals(model, lever_warmup, warmed_totals), timed, device,
+                                   recorded)
         result["mfu"] = model_flop_utilisation(result["samples_per_second"], tflop_per_sample, device)
         if lever["compile"]:
             result.update(compilation_counts(),
                           error_vs_eager=compiled_error(model, config, text_folder, lever, timed[0], device),
                           random_draws_differ=draws_differ(model, lever, timed[0], device) if any(
                               config["patchout"]) else None)
+        if recorded is not None:
+            result["replays_draw_afresh"] = replays_draw_afresh(model, recorded, timed[0], device, lever["precision"])
         if not lever["all_windows"]:
             result["timed_window_totals_new"] = len({window_total(model, batch) for batch in timed} - warmed_totals)
         report({**common, "lever": name, "meaning": LEVER_MEANING[name], **result}, args.json)
@@ -469,7 +501,7 @@ def bench_step(args: argparse.Namespace) -> None:
                         "full_split_seconds": seconds * CLOTHO_EVAL_CLIPS / args.eval_clips}, args.json)
         if name == args.profile_after:
             with mask_made_by(lever):
-                profile_training(model, lever, timed[:6], device, args.profile_file)
+                profile_training(model, lever, timed[:6], device, args.profile_file, recorded)
     folder.cleanup()
 
 

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The GPU figures of benchmarks/RESULTS.md in one go, results as JSON lines in the folder given (default:
-# benchmarks/gpu_results). By default what one device command (at most 9.1 minutes) must bring: `fast_gpu` end to
-# end as shipped (on a fresh machine the HDF5 cache is written first and every kernel compiled), with 10 steps of
-# one more epoch profiled (does the real loop wait for the GPU, or the GPU for the host and the loader?; up to 7.5
-# minutes, the run's output in fit_run.log as it comes, so a fit stopped by its limit shows how far it got), then, in
-# the time left, the CUDA-graph step, its error against eager and its profile, then the real windows only under
+# benchmarks/gpu_results). By default what one device command (at most 9.1 minutes) must bring: the end-to-end fit
+# with the whole step recorded as one CUDA graph (`fast_gpu cuda_graph_step=True compile_mode=default`; on a fresh
+# machine the HDF5 cache is written first and every kernel compiled), then `fast_gpu` as shipped (the encoders' own
+# CUDA graphs) on the same machine, in the time left; each with 10 steps of one more epoch profiled (does the real
+# loop wait for the GPU, or the GPU for the host and the loader?), the run's output in fit_run.log as it comes, so a
+# fit stopped by its limit shows how far it got. STEP=1 runs instead the model step alone (at most 9.1 minutes): the
+# CUDA-graph step, the recorded step (with `replays_draw_afresh`) and its profile, then the real windows only under
 # CUDA graphs, warmed up on every window total. The step trains with the published patchout since 2026-11-27; runs
 # 1-4 did not (`--patchout 0 0` repeats them). AUTOTUNE=1 runs instead the one GPU lever left untried,
 # `max_autotune` (inductor chooses its matrix kernels by timing them; long compilation), against the CUDA-graph step
@@ -25,7 +27,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 python=${PYTHON:-python3}
 step=("$python" -m benchmarks.bench_stage1 --json "$out/step.jsonl" step --config baseline --steps 30 --warmup 8)
 fit=("$python" -m benchmarks.bench_stage1 --json "$out/fit.jsonl" fit --config baseline --data-dir /tmp/bench_fit
-     --clips 300 1045 20 --epochs 2 --workers 12 --profile-file "$out/fit_profile.txt" --log-file "$out/fit_run.log")
+     --clips 300 1045 20 --epochs 2 --workers 12)
 cached=(${COMPILE_CACHE:+"compile_cache=$COMPILE_CACHE"})
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/machine.txt"
 $python -c "import torch, transformers, lightning; print('torch', torch.__version__, 'transformers', \
@@ -46,10 +48,14 @@ fi
 if [ "${AUTOTUNE:-0}" = 1 ]; then
     timeout 550 "${step[@]}" --levers cuda_graphs max_autotune --evaluate-after --profile-after max_autotune \
         --profile-file "$out/profile_max_autotune.txt"
-else
-    timeout 450 "${fit[@]}" --profile-steps 10 fast_gpu "${cached[@]}"  # the data set and cache first (cold: 240+ s)
-    timeout $((545 - SECONDS)) "${step[@]}" --levers cuda_graphs real_windows_graphs --evaluate-after \
-        --profile-after cuda_graphs --profile-file "$out/profile_cuda_graphs.txt"  # rows kept as each finishes
+elif [ "${STEP:-0}" = 1 ]; then
+    timeout 545 "${step[@]}" --levers cuda_graphs recorded_step real_windows_graphs --evaluate-after \
+        --profile-after recorded_step --profile-file "$out/profile_recorded_step.txt"  # rows kept as each finishes
+else  # the data set and its cache first (cold: 240+ s)
+    timeout 330 "${fit[@]}" --profile-steps 10 --profile-file "$out/fit_profile_recorded_step.txt" \
+        --log-file "$out/fit_run_recorded_step.log" fast_gpu cuda_graph_step=True compile_mode=default "${cached[@]}"
+    timeout $((545 - SECONDS)) "${fit[@]}" --profile-steps 10 --profile-file "$out/fit_profile_fast_gpu.txt" \
+        --log-file "$out/fit_run_fast_gpu.log" fast_gpu "${cached[@]}"
 fi
 if [ "${ALL:-0}" = 1 ]; then
     timeout 40 $python -m benchmarks.bench_tap_scoring --device cuda | tee "$out/tap_scoring.txt"
@@ -63,4 +69,5 @@ if [ "${ALL:-0}" = 1 ]; then
         compile=False compile_mode=default  # fast_gpu before the CUDA graphs
     timeout 200 "${step[@]}" --levers published sdpa bf16 fused_adamw compile --evaluate-after published fused_adamw
 fi
-$python -m benchmarks.bench_stage1 plot --json-in "$out/step.jsonl" --output "$out/levers.png" --target 400
+[ -f "$out/step.jsonl" ] && $python -m benchmarks.bench_stage1 plot --json-in "$out/step.jsonl" \
+    --output "$out/levers.png" --target 400

@@ -140,6 +140,7 @@ class Stage1Config(Section):
     compile: bool
     compile_mode: Literal[COMPILE_MODES]
     compile_cache: Optional[str]
+    cuda_graph_step: bool
     precision: Any
     accumulate_grad_batches: Count
     gradient_clip_val: Optional[NonNegative]
@@ -229,6 +230,8 @@ def cross_key_problems(config: Stage1Config) -> list[str]:
                         f"{config.accumulate_grad_batches}: CUDA graphs hand back each step's gradients in memory "
                         f"that the next step's replay overwrites, so accumulated gradients come out wrong or the run "
                         f"stops (pytorch/pytorch#169545); use compile_mode=default, or accumulate_grad_batches=1")
+    if config.cuda_graph_step:
+        problems += cuda_graph_step_problems(config)
     if config.compile_cache is not None:
         cache = Path(config.compile_cache).expanduser()
         if not config.compile:
@@ -251,6 +254,38 @@ def cross_key_problems(config: Stage1Config) -> list[str]:
             problems.append(str(error))
     problems += stage2_problems(config, runs)
     return problems
+
+
+def cuda_graph_step_problems(config: Stage1Config) -> list[str]:
+    """A recorded step replays the device work of its recording: nothing may come from the host or change shape,
+    and nothing outside it may touch the gradients it writes."""
+    audio, passt = config.audio_features, config.audio_features.passt
+    host_masks = "torchaudio draws SpecAugment's masks on the host"
+    single = config.devices == 1 or (isinstance(config.devices, (list, tuple)) and len(config.devices) == 1)
+    needs = [  # (key, its value, whether it fits, what fits and why)
+        ("compile_mode", config.compile_mode, not config.compile or config.compile_mode not in CUDA_GRAPH_MODES,
+         "'default' (the encoders' own CUDA graphs cannot be recorded inside the step's)"),
+        ("audio_features.embed_all_windows", audio.embed_all_windows, audio.embed_all_windows,
+         "True (the number of real windows varies, and counting them reads the device)"),
+        ("audio_features.augment_on_device", audio.augment_on_device, audio.augment_on_device,
+         "True (hear21passt draws its augmentation on the host: a replay would repeat the recorded draws)"),
+        ("audio_features.model_config.freqm", passt.freqm, not passt.freqm, f"0 ({host_masks})"),
+        ("audio_features.model_config.timem", passt.timem, not passt.timem, f"0 ({host_masks})"),
+        ("sentence_features.padding", config.sentence_features.padding,
+         config.sentence_features.padding == "max_length", "'max_length' (fixed shapes)"),
+        ("precision", config.precision, str(config.precision) not in ("16-mixed", "16"),
+         "bf16-mixed or 32 (fp16 loss scaling reads the device in every step)"),
+        ("accumulate_grad_batches", config.accumulate_grad_batches, config.accumulate_grad_batches == 1,
+         "1 (each replay overwrites the gradients)"),
+        ("gradient_clip_val", config.gradient_clip_val, not config.gradient_clip_val,
+         "None (Lightning does not clip under manual optimisation)"),
+        ("devices", config.devices, single, "1 (one process: DDP's gradient hooks are not recorded)"),
+        ("num_nodes", config.num_nodes, config.num_nodes == 1, "1"),
+        ("loss_weight", config.loss_weight, config.loss_weight == 1.0 and not config.distill_from,
+         "1.0 without distill_from (stage 1 only)"),
+    ]
+    return [f"cuda_graph_step=True with {key}={value!r}: needs {expected}" for key, value, fits, expected in needs
+            if not fits]
 
 
 def stage2_problems(config: Stage1Config, runs: Path) -> list[str]:

@@ -14,8 +14,28 @@ from models.losses import distillation_loss, multi_positive_contrastive_loss
 from models.retrieval_model import RetrievalModel
 from models.teacher import Teacher
 from utils.distributed import gather_evaluation
+from utils.devices import to_device
 from utils.metrics import MultiMatch, retrieval_metrics
 from utils.schedule import learning_rate_factor
+from utils.step_graph import RecordedStep
+
+AUDIO_INPUTS = ("audio", "audio_length", "clip_index")  # a recorded step's inputs besides the caption tokens
+
+
+def recorded_step_inputs(model: RetrievalModel, batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
+    """What a recorded training step reads of a batch, all of it tensors on `device`: the captions tokenised here,
+    on the host, since the graph only reads tensors it owns, refilled every step."""
+    tokens = model.text_encoder.tokenize(batch["caption"])
+    return {**{key: batch[key] for key in AUDIO_INPUTS},
+            **{key: to_device(value, device) for key, value in tokens.items()}}
+
+
+def recorded_step_loss(model: RetrievalModel, inputs: dict[str, torch.Tensor],
+                       positive_weighting: str = "pair") -> torch.Tensor:
+    """The training step's contrastive loss from `recorded_step_inputs`: device work only."""
+    windows, mask = model.encode_audio(inputs["audio"], inputs["audio_length"])
+    text = model.encode_tokens({key: value for key, value in inputs.items() if key not in AUDIO_INPUTS})
+    return multi_positive_contrastive_loss(model.score(text, windows, mask), inputs["clip_index"], positive_weighting)
 
 
 @dataclass(frozen=True)
@@ -46,12 +66,18 @@ def adamw_implementation(on_gpu: bool, clips_gradients: bool) -> dict[str, bool]
 class RetrievalModule(L.LightningModule):
     """`teachers` (stage 2): stage-1 models whose estimated correspondences the training loss also fits, weighted
     `distill_weight` against `loss_weight` for the contrastive loss (salsa's keys). `multi_match`: additional
-    correspondences of the test split, scored as mAP@16 and mAP@10 next to the usual metrics."""
+    correspondences of the test split, scored as mAP@16 and mAP@10 next to the usual metrics. `cuda_graph_step`:
+    each training step's forward and backward pass replayed as one recorded CUDA graph (`RecordedStep`), the
+    optimiser and the schedule stepped by this module (Lightning's manual optimisation); stage 1 on one process,
+    fixed shapes, no clipping or accumulation (the config checks say so)."""
 
     def __init__(self, model: RetrievalModel, optimisation: OptimisationSettings, positive_weighting: str = "pair",
                  teachers: Sequence[Teacher] = (), loss_weight: float = 1.0, distill_weight: float = 0.0,
-                 multi_match: MultiMatch | None = None):
+                 multi_match: MultiMatch | None = None, cuda_graph_step: bool = False):
         super().__init__()
+        self.automatic_optimization = not cuda_graph_step
+        recorded_loss = partial(recorded_step_loss, model, positive_weighting=positive_weighting)
+        self.recorded_step = RecordedStep(recorded_loss) if cuda_graph_step else None
         self.model = model
         self.optimisation = optimisation
         self.positive_weighting = positive_weighting
@@ -102,6 +128,8 @@ class RetrievalModule(L.LightningModule):
         return batch
 
     def training_step(self, batch: dict, batch_index: int) -> torch.Tensor:
+        if self.recorded_step is not None:
+            return self._replayed_training_step(batch)
         windows, mask = self.model.encode_audio(batch["audio"], batch["audio_length"], batch["real_windows"])
         text = self.model.encode_text(batch["caption"])
         distributed = self.trainer.world_size > 1
@@ -121,6 +149,14 @@ class RetrievalModule(L.LightningModule):
             distillation = distillation_loss(scores, estimates, self.model.temperature())
             self.log("train/distill_loss", distillation, batch_size=len(batch["caption"]))
             loss = loss + self.distill_weight * distillation
+        return loss
+
+    def _replayed_training_step(self, batch: dict) -> torch.Tensor:
+        loss = self.recorded_step(recorded_step_inputs(self.model, batch, self.device), self.optimizers())
+        self.lr_schedulers().step()
+        loss = loss.clone()  # the next replay overwrites the recorded loss; Lightning reads the logged one later
+        self.log(TRAIN_LOSS, loss, batch_size=len(batch["caption"]))
+        self.log("train/tau", self.model.tau.detach(), batch_size=len(batch["caption"]))
         return loss
 
     def _evaluation_step(self, batch: dict) -> None:

@@ -58,6 +58,10 @@ class RetrievalModel(nn.Module):
             return self.text_projection(self.text_encoder(captions))
         return self.text_projection(self.text_encoder(captions + [""] * padding)[:len(captions)])
 
+    def encode_tokens(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The text encoder's tokens, already on the device -> (captions, shared)."""
+        return self.text_projection(self.text_encoder.embed_tokens(tokens))
+
     def score(self, text: torch.Tensor, windows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Similarity logits (captions, clips), divided by the temperature."""
         return self.pooling.score(text, windows, mask) / self.temperature()

@@ -58,6 +58,14 @@ CONFIG_CASES = [
     ({"compile_cache": "/tmp/compile_cache.bin"}, ConfigError,
      "compile_cache='/tmp/compile_cache.bin' with compile=False: nothing would be compiled"),
     ({"compile": True, "compile_cache": "/"}, ConfigError, "compile_cache='/' is not a file"),
+    ({"cuda_graph_step": True}, ConfigError, r"cuda_graph_step=True with audio_features.embed_all_windows=False: "
+                                             r"needs True \(the number of real windows varies"),
+    ({"cuda_graph_step": True, "audio_features__embed_all_windows": True, "audio_features__augment_on_device": True,
+      "sentence_features__padding": "max_length", "compile": True, "compile_mode": "reduce-overhead",
+      "precision": "16-mixed", "accumulate_grad_batches": 2, "audio_features__model_config__freqm": 8}, ConfigError,
+     r"(?s)compile_mode='reduce-overhead': needs 'default'.*model_config.freqm=8: needs 0 \(torchaudio draws "
+     r"SpecAugment's masks on the host\).*precision='16-mixed': needs bf16-mixed or 32.*accumulate_grad_batches=2: "
+     r"needs 1"),
     ({"sentence_features__padding": "left"}, ConfigError,
      "sentence_features.padding='left': expected one of 'longest' or 'max_length'"),
     ({"load_parameters": "/missing.ckpt"}, ConfigError,

@@ -2,6 +2,7 @@
 import csv
 import gzip
 import json
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -9,12 +10,14 @@ import torch
 
 from benchmarks.bench_stage1 import (CONFIGS, LEVERS, PUBLISHED, build_model, caption_vocabulary, counting_totals,
                                      draws_differ, every_window_total, model_tflop_per_sample,
-                                     projected_published_run, random_batch, run_experiment)
+                                     projected_published_run, random_batch, replays_draw_afresh, run_experiment)
 from benchmarks.kernel_breakdown import breakdown
 from data_loaders.demo_data import write_text_model
 from experiments.ex_dcase24 import ex
+from experiments.retrieval_module import recorded_step_loss
 from experiments.tracking import PROFILE_TRACE
 from models.audio.passt import SAMPLE_RATE
+from utils.step_graph import RecordedStep
 
 
 @pytest.mark.parametrize("config_name, named_configs", [("baseline", []), ("demo", ["demo"])])
@@ -119,6 +122,31 @@ def test_autotune_differs_from_the_cuda_graph_step_in_its_compile_mode_alone():
     """AUTOTUNE=1 times these two against each other; `real_windows_graphs`, listed between them, must not leak in."""
     changed = {key for key in LEVERS["cuda_graphs"] if LEVERS["cuda_graphs"][key] != LEVERS["max_autotune"][key]}
     assert changed == {"compile"}
+
+
+def test_the_recorded_step_differs_from_the_cuda_graph_step_in_how_it_replays_alone():
+    changed = {key for key in LEVERS["cuda_graphs"] if LEVERS["cuda_graphs"][key] != LEVERS["recorded_step"][key]}
+    assert changed == {"compile", "recorded_step"}
+    assert LEVERS["recorded_step"]["compile"] == "default"  # the encoders' own graphs cannot nest in the step's
+
+
+def test_replays_of_the_recorded_step_are_told_apart_by_their_draws(tmp_path: Path, monkeypatch):
+    """Patchout and the mel band edges draw afresh at every step; a replay that repeated its recording's draws
+    would give the same loss twice. Learning rate 0: the weights stay as they were."""
+    vocabulary = caption_vocabulary(50)
+    torch.manual_seed(0)
+    text_folder = write_text_model(tmp_path, vocabulary, **CONFIGS["demo"]["text"])
+    batch = random_batch(2, CONFIGS["demo"]["crop_seconds"], vocabulary, torch.Generator().manual_seed(0), "cpu")
+    settings = {**LEVERS["recorded_step"], "compile": None}  # eager on the CPU, which records nothing anyway
+    model = build_model(dict(CONFIGS["demo"], patchout=(2, 1)), text_folder, "cpu", settings)
+    weights = [parameter.detach().clone() for parameter in model.parameters()]
+    recorded = RecordedStep(partial(recorded_step_loss, model), warmup_steps=1)
+    assert replays_draw_afresh(model, recorded, batch, "cpu", settings["precision"])
+    assert all(torch.equal(before, after) for before, after in zip(weights, model.parameters()))
+    replayed = torch.randperm(64)
+    monkeypatch.setattr(torch, "randperm", lambda size, **options: replayed[replayed < size].to(options.get("device")))
+    monkeypatch.setattr(torch, "randint", lambda high, size, **options: torch.full(size, high // 2, **options))
+    assert not replays_draw_afresh(model, recorded, batch, "cpu", settings["precision"])
 
 
 def test_a_failed_run_names_its_log_and_shows_its_end(data_dir: Path):

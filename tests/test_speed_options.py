@@ -276,14 +276,17 @@ def reads_per_training_batch(data_dir, monkeypatch, **settings) -> Counter:
     return recorder.reads
 
 
-@pytest.mark.parametrize("settings", [{}, {"audio_features__embed_all_windows": True,
-                                           "sentence_features__padding": "max_length"}],
-                         ids=["varying_shapes", "fixed_shapes"])
+FIXED_SHAPE_UPDATES = {"audio_features__embed_all_windows": True, "sentence_features__padding": "max_length"}
+
+
+@pytest.mark.parametrize("settings", [{}, FIXED_SHAPE_UPDATES, {**FIXED_SHAPE_UPDATES, "cuda_graph_step": True}],
+                         ids=["varying_shapes", "fixed_shapes", "recorded_step"])
 def test_the_training_loop_reads_the_device_only_to_log_and_refresh_the_bar(data_dir, monkeypatch, settings):
     """The whole Lightning loop (step, loss, logging, callbacks, optimiser, schedule), augmentation on the device
     (hear21passt's host-side draws are read-backs only on a CPU). Lightning turns values logged with `prog_bar=True`
     into numbers after every batch: with the loss on the bar that way, every batch read the device once; and
-    without the real windows counted on the host, every batch read how many of its windows were real."""
+    without the real windows counted on the host, every batch read how many of its windows were real. A recorded
+    step (`cuda_graph_step`) reads no more: a read-back inside it would stop its recording on a GPU."""
     reads = reads_per_training_batch(data_dir, monkeypatch, audio_features__aggregate="TAP",
                                      audio_features__augment_on_device=True, **settings)
     assert sorted(reads) == [4, 9, 14]  # logging (batches 5, 10, 15) and the bar (batches 10 and 15, the last)

@@ -140,8 +140,13 @@ class TextEncoder(nn.Module):
     def forward(self, captions: list[str]) -> torch.Tensor:
         """captions: list of length batch -> (batch, hidden_size)."""
         device = next(self.model.parameters()).device
-        tokens = {key: to_device(value, device) for key, value in self.tokenize(captions).items()}
-        tokens["attention_mask"] = expanded_attention_mask(tokens["attention_mask"], self.attention, self.model.dtype)
+        return self.embed_tokens({key: to_device(value, device) for key, value in self.tokenize(captions).items()})
+
+    def embed_tokens(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        """`tokenize`'s tensors, on the model's device -> (batch, hidden_size). Device work only: a recorded CUDA
+        graph can replay it on new tokens copied into the same tensors."""
+        tokens = {**tokens, "attention_mask": expanded_attention_mask(tokens["attention_mask"], self.attention,
+                                                                      self.model.dtype)}
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
             hidden = self.model(**tokens).last_hidden_state
         # A copy, not a view: under CUDA graphs the hidden states live in a buffer the next replay overwrites.

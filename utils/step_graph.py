@@ -1,0 +1,94 @@
+"""A training step's forward and backward pass recorded once as one CUDA graph and replayed (`cuda_graph_step`)."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import nullcontext
+from typing import Protocol
+
+import torch
+
+
+class Optimizer(Protocol):  # a torch optimiser, or Lightning's wrapper of one
+    def zero_grad(self, set_to_none: bool = True) -> None: ...
+
+    def step(self) -> object: ...
+
+
+class RecordedStep:
+    """Trains on each batch through input tensors of its own: the first `warmup_steps` batches as they come
+    (compilation, cuBLAS and cuDNN set-up happen there, on a side stream, as torch asks before a recording), then
+    it records `forward_and_loss` and its backward pass as one CUDA graph and from then on replays it after copying
+    the batch into the same tensors. The optimiser steps outside the graph, on the gradients the replay wrote.
+
+    Why: a step whose encoders replay CUDA graphs of their own (`compile_mode=reduce-overhead`) still keeps the host
+    busy ~36 ms on an H100 (run 4's profile): a launch per graph, torch.compile's wrappers, the eager front end and
+    heads, and per-parameter autograd bookkeeping for 545 tensors. A replay of the whole step is one launch.
+
+    What a replay cannot see: anything `forward_and_loss` takes from elsewhere than `inputs` and the parameters
+    (a number on the host, a Python random draw, a tensor made on the host and copied over) keeps its value from
+    the recording. Every per-batch value must therefore come in `inputs`. The recorded gradients live in the graph's
+    memory, and each replay overwrites them, so after the recording nothing may set them to None or accumulate
+    into them. Without CUDA the same function runs eagerly on every batch, through the same input tensors.
+    """
+
+    def __init__(self, forward_and_loss: Callable[[dict[str, torch.Tensor]], torch.Tensor], warmup_steps: int = 3):
+        if warmup_steps < 1:
+            raise ValueError(f"warmup_steps={warmup_steps} must be >= 1: a recording needs a warmed-up step")
+        self.forward_and_loss = forward_and_loss
+        self.warmup_steps = warmup_steps
+        self.steps = 0
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self._inputs: dict[str, torch.Tensor] | None = None
+        self._loss: torch.Tensor | None = None
+        self._side_stream: torch.cuda.Stream | None = None
+
+    def __call__(self, inputs: dict[str, torch.Tensor], optimizer: Optimizer) -> torch.Tensor:
+        """One training step on `inputs` (tensors on the model's device): the loss, detached (once recorded, a
+        tensor that the next replay overwrites)."""
+        self._copy_in(inputs)
+        self.steps += 1
+        on_gpu = all(tensor.is_cuda for tensor in self._inputs.values())
+        if self.graph is None and on_gpu and self.steps > self.warmup_steps:
+            self._record(optimizer)
+        if self.graph is not None:
+            self.graph.replay()
+            optimizer.step()
+            return self._loss
+        if on_gpu and self._side_stream is None:
+            self._side_stream = torch.cuda.Stream()
+        stream = self._side_stream if on_gpu else None
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream) if stream is not None else nullcontext():
+            optimizer.zero_grad(set_to_none=True)
+            loss = self.forward_and_loss(self._inputs)
+            loss.backward()
+            optimizer.step()
+        if stream is not None:
+            torch.cuda.current_stream().wait_stream(stream)
+        return loss.detach()
+
+    def _copy_in(self, inputs: dict[str, torch.Tensor]) -> None:
+        if self._inputs is None:
+            self._inputs = {key: tensor.clone() for key, tensor in inputs.items()}
+            return
+        if inputs.keys() != self._inputs.keys():
+            raise ValueError(f"cuda_graph_step: batch inputs {sorted(inputs)}, the recorded step takes "
+                             f"{sorted(self._inputs)}")
+        for key, tensor in inputs.items():
+            own = self._inputs[key]
+            if own.shape != tensor.shape or own.dtype != tensor.dtype:
+                raise ValueError(f"cuda_graph_step: batch input {key!r} is {tuple(tensor.shape)} {tensor.dtype}, "
+                                 f"the recorded step takes {tuple(own.shape)} {own.dtype}; every training batch "
+                                 f"must have the same shapes (full batches, fixed padding)")
+        for key, tensor in inputs.items():
+            self._inputs[key].copy_(tensor, non_blocking=True)
+
+    def _record(self, optimizer: Optimizer) -> None:
+        optimizer.zero_grad(set_to_none=True)  # the backward pass then writes gradients into the graph's memory
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: the loader's pin-memory thread and checkpoint writers may use CUDA while this records
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            loss = self.forward_and_loss(self._inputs)
+            loss.backward()
+        self.graph, self._loss = graph, loss.detach()
