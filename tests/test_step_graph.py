@@ -33,8 +33,7 @@ def test_a_recorded_step_trains_as_lightnings_own_loop(data_dir, tmp_path):
     run_demo(data_dir, cuda_graph_step=True, **settings)
     recorded = logged_steps(data_dir)
     assert len(automatic["train/loss"]) >= 6 and len(automatic["val/mAP@10"]) == 2
-    for column, values in automatic.items():
-        assert recorded[column] == pytest.approx(values, rel=1e-5, abs=1e-7), column
+    assert recorded == automatic  # to the last digit logged: the same computation in the same order
     assert len(set(automatic["train/loss"])) == len(automatic["train/loss"])  # each step saw its own batch
 
 
