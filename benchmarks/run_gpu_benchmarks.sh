@@ -52,7 +52,7 @@ elif [ "${STEP:-0}" = 1 ]; then
     timeout 545 "${step[@]}" --levers cuda_graphs recorded_step real_windows_graphs --evaluate-after \
         --profile-after recorded_step --profile-file "$out/profile_recorded_step.txt"  # rows kept as each finishes
 else  # the data set and its cache first (cold: 240+ s)
-    timeout 330 "${fit[@]}" --profile-steps 10 --profile-file "$out/fit_profile_recorded_step.txt" \
+    timeout 360 "${fit[@]}" --profile-steps 10 --profile-file "$out/fit_profile_recorded_step.txt" \
         --log-file "$out/fit_run_recorded_step.log" fast_gpu cuda_graph_step=True compile_mode=default "${cached[@]}"
     timeout $((545 - SECONDS)) "${fit[@]}" --profile-steps 10 --profile-file "$out/fit_profile_fast_gpu.txt" \
         --log-file "$out/fit_run_fast_gpu.log" fast_gpu "${cached[@]}"
