@@ -66,6 +66,10 @@ CONFIG_CASES = [
      r"(?s)compile_mode='reduce-overhead': needs 'default'.*model_config.freqm=8: needs 0 \(torchaudio draws "
      r"SpecAugment's masks on the host\).*precision='16-mixed': needs bf16-mixed or 32.*accumulate_grad_batches=2: "
      r"needs 1"),
+    ({"cuda_graph_step": True, "audio_features__embed_all_windows": True, "audio_features__model_config__timem": 4,
+      "gradient_clip_val": 1.0, "devices": 2, "num_nodes": 2, "loss_weight": 0.5}, ConfigError,
+     r"(?s)augment_on_device=False: needs True.*timem=4: needs 0.*padding='longest': needs 'max_length'.*"
+     r"gradient_clip_val=1.0: needs None.*devices=2: needs 1.*num_nodes=2: needs 1.*loss_weight=0.5: needs 1.0"),
     ({"sentence_features__padding": "left"}, ConfigError,
      "sentence_features.padding='left': expected one of 'longest' or 'max_length'"),
     ({"load_parameters": "/missing.ckpt"}, ConfigError,
