@@ -1,12 +1,15 @@
 """`cuda_graph_step`: a training step recorded once and replayed. The recording itself needs CUDA; these tests check
 on the CPU what decides whether a replay trains right: every per-batch value reaches the step through the tensors
-it owns, and Lightning's loop, optimiser and schedule run as in automatic optimisation."""
+it owns, Lightning's loop, optimiser and schedule run as in automatic optimisation, and (through `CpuGraph`, a
+stand-in for the recorded graph) the optimiser steps after each replay on the gradients the recording made."""
 import csv
 import io
+from contextlib import contextmanager, nullcontext
 
 import pytest
 import torch
 
+import utils.step_graph
 from tests.test_experiment import run_demo
 from utils.step_graph import RecordedStep
 
@@ -41,28 +44,97 @@ class Linear(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.weight = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+        self.bias = torch.nn.Parameter(torch.tensor(0.5))
 
     def loss(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        return ((inputs["x"] @ self.weight - inputs["y"]) ** 2).mean()
+        return ((inputs["x"] @ self.weight + self.bias - inputs["y"]) ** 2).mean()
 
 
-def test_each_step_trains_on_its_own_batch_through_the_step_s_tensors():
-    """Without CUDA every call runs the function again, through the tensors copied in: a function that kept the
-    first batch (as a replay keeps whatever it did not read from its inputs) would train on it every time."""
-    model, reference = Linear(), Linear()
+class CpuGraph:
+    """torch.cuda.CUDAGraph's effect, on the CPU: the recording block runs once (a real recording only records it),
+    and a replay runs the recorded step again through its own input tensors, writing the loss and the gradients
+    into the tensors the recording left, as a replay overwrites them."""
+    made = 0
+    step: RecordedStep | None = None  # the step under test, whose recording this is
+
+    def __init__(self):
+        CpuGraph.made += 1
+
+    def replay(self):
+        for _, gradient in self.step._recorded_gradients:
+            gradient.zero_()  # backward then adds into the same tensors: what the replay writes
+        loss = self.step.forward_and_loss(self.step._inputs)
+        loss.backward()
+        self.step._loss.copy_(loss.detach())
+
+
+@pytest.fixture
+def cpu_graphs(monkeypatch):
+    """Steps record and replay on the CPU through `CpuGraph`; the streams are no-ops. Call it with the step."""
+    CpuGraph.made = 0
+    stream = type("Stream", (), {"wait_stream": lambda self, other: None})
+
+    @contextmanager
+    def recording(graph, capture_error_mode="global"):
+        assert capture_error_mode == "thread_local"  # the loader's pin-memory thread keeps using CUDA
+        yield
+
+    monkeypatch.setattr(utils.step_graph, "records_on", lambda inputs: True)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", CpuGraph)
+    monkeypatch.setattr(torch.cuda, "graph", recording)
+    monkeypatch.setattr(torch.cuda, "Stream", stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", stream)
+    return lambda step: setattr(CpuGraph, "step", step)
+
+
+def trains_as_direct_steps(model: Linear, step: RecordedStep, steps: int) -> None:
+    """`step` trains `model` on `steps` random batches as SGD stepping directly on each batch trains a copy."""
+    reference = Linear()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     reference_optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
-    step = RecordedStep(model.loss, warmup_steps=1)
     generator = torch.Generator().manual_seed(0)
-    for _ in range(4):
+    for index in range(steps):
         batch = {"x": torch.randn(5, 2, generator=generator), "y": torch.randn(5, generator=generator)}
         loss = step(batch, optimizer)
         reference_optimizer.zero_grad()
         expected = reference.loss(batch)
         expected.backward()
         reference_optimizer.step()
-        assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
-    assert torch.allclose(model.weight, reference.weight)
+        assert loss.item() == pytest.approx(expected.item(), rel=1e-6), index
+    assert torch.allclose(model.weight, reference.weight) and torch.allclose(model.bias, reference.bias)
+
+
+def test_a_recorded_step_replays_each_batch_into_the_recorded_gradients(cpu_graphs):
+    """Two warm-up steps, one recording, then replays: every step trains as a direct step on its batch would, one
+    graph is recorded, and the gradients the optimiser reads stay the tensors the recording made."""
+    model = Linear()
+    step = RecordedStep(model.loss, warmup_steps=2)
+    cpu_graphs(step)
+    trains_as_direct_steps(model, step, steps=6)
+    assert CpuGraph.made == 1
+    assert len(step._recorded_gradients) == 2
+    assert all(parameter.grad is gradient for parameter, gradient in step._recorded_gradients)
+
+
+def test_gradients_set_to_none_after_the_recording_stop_the_next_step(cpu_graphs):
+    model = Linear()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    step = RecordedStep(model.loss, warmup_steps=1)
+    cpu_graphs(step)
+    batch = {"x": torch.ones(5, 2), "y": torch.zeros(5)}
+    for _ in range(3):  # warm-up, recording, replay
+        step(batch, optimizer)
+    optimizer.zero_grad(set_to_none=True)  # what Lightning's automatic optimisation does before every step
+    with pytest.raises(RuntimeError, match=r"2 of the 2 gradients the recorded step writes were replaced"):
+        step(batch, optimizer)
+
+
+def test_each_step_trains_on_its_own_batch_through_the_step_s_tensors():
+    """Without CUDA every call runs the function again, through the tensors copied in: a function that kept the
+    first batch (as a replay keeps whatever it did not read from its inputs) would train on it every time."""
+    model = Linear()
+    trains_as_direct_steps(model, RecordedStep(model.loss, warmup_steps=1), steps=4)
 
 
 def test_a_batch_of_another_shape_or_other_inputs_is_named():

@@ -9,9 +9,16 @@ import torch
 
 
 class Optimizer(Protocol):  # a torch optimiser, or Lightning's wrapper of one
+    param_groups: list[dict]
+
     def zero_grad(self, set_to_none: bool = True) -> None: ...
 
     def step(self) -> object: ...
+
+
+def records_on(inputs: dict[str, torch.Tensor]) -> bool:
+    """Whether a step over these tensors can be recorded: on CUDA devices only."""
+    return all(tensor.is_cuda for tensor in inputs.values())
 
 
 class RecordedStep:
@@ -41,16 +48,18 @@ class RecordedStep:
         self._inputs: dict[str, torch.Tensor] | None = None
         self._loss: torch.Tensor | None = None
         self._side_stream: torch.cuda.Stream | None = None
+        self._recorded_gradients: list[tuple[torch.Tensor, torch.Tensor]] = []  # (parameter, its recorded gradient)
 
     def __call__(self, inputs: dict[str, torch.Tensor], optimizer: Optimizer) -> torch.Tensor:
         """One training step on `inputs` (tensors on the model's device): the loss, detached (once recorded, a
         tensor that the next replay overwrites)."""
         self._copy_in(inputs)
         self.steps += 1
-        on_gpu = all(tensor.is_cuda for tensor in self._inputs.values())
+        on_gpu = records_on(self._inputs)
         if self.graph is None and on_gpu and self.steps > self.warmup_steps:
             self._record(optimizer)
         if self.graph is not None:
+            self._check_gradients()
             self.graph.replay()
             optimizer.step()
             return self._loss
@@ -92,3 +101,14 @@ class RecordedStep:
             loss = self.forward_and_loss(self._inputs)
             loss.backward()
         self.graph, self._loss = graph, loss.detach()
+        self._recorded_gradients = [(parameter, parameter.grad) for group in optimizer.param_groups
+                                    for parameter in group["params"] if parameter.grad is not None]
+
+    def _check_gradients(self) -> None:
+        """A replay writes into the recorded gradient tensors: if anything replaced them since (a
+        `zero_grad(set_to_none=True)`), the optimiser would step on stale gradients or none."""
+        replaced = sum(parameter.grad is not gradient for parameter, gradient in self._recorded_gradients)
+        if replaced:
+            raise RuntimeError(f"cuda_graph_step: {replaced} of the {len(self._recorded_gradients)} gradients the "
+                               f"recorded step writes were replaced after the recording (zero_grad(set_to_none="
+                               f"True)?); the optimiser would not see the replays' gradients")
