@@ -76,8 +76,9 @@ class RetrievalModule(L.LightningModule):
                  multi_match: MultiMatch | None = None, cuda_graph_step: bool = False):
         super().__init__()
         self.automatic_optimization = not cuda_graph_step
-        recorded_loss = partial(recorded_step_loss, model, positive_weighting=positive_weighting)
-        self.recorded_step = RecordedStep(recorded_loss) if cuda_graph_step else None
+        self.recorded_step = None
+        if cuda_graph_step:
+            self.recorded_step = RecordedStep(partial(recorded_step_loss, model, positive_weighting=positive_weighting))
         self.model = model
         self.optimisation = optimisation
         self.positive_weighting = positive_weighting
