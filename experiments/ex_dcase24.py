@@ -603,7 +603,7 @@ def cmd_generate_embeddings(train_on: str, clotho_v2: dict, audio_features: dict
 
 
 def evaluate_checkpoint(trainer: L.Trainer, module: RetrievalModule, loader, checkpoint: str,
-                    prefix: str) -> dict[str, float]:
+                        prefix: str) -> dict[str, float]:
     """Test-split metrics of one checkpoint's weights, logged under `prefix`."""
     module.test_prefix = prefix
     (tested,) = trainer.test(module, loader, ckpt_path=checkpoint, weights_only=False)

@@ -149,3 +149,25 @@ def test_a_batch_of_another_shape_or_other_inputs_is_named():
         step({"x": torch.zeros(5, 2)}, optimizer)
     with pytest.raises(ValueError, match="warmup_steps=0 must be >= 1"):
         RecordedStep(model.loss, warmup_steps=0)
+
+
+def test_a_recording_that_fails_names_the_setting_to_turn_off(cpu_graphs):
+    """A step that ran eagerly can still fail to record (a CUDA call that a recording forbids, or memory for the
+    graph's own pool): the error keeps CUDA's message and names the key that trains without recording."""
+    model = Linear()
+    calls = []
+
+    def loss(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        calls.append(len(calls))
+        if len(calls) == 2:  # the recording, after one warm-up step
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return model.loss(inputs)
+
+    step = RecordedStep(loss, warmup_steps=1)
+    cpu_graphs(step)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    batch = {"x": torch.ones(5, 2), "y": torch.zeros(5)}
+    step(batch, optimizer)
+    with pytest.raises(RuntimeError, match=r"recording training step 2 as one CUDA graph failed: operation not "
+                                           r"permitted when stream is capturing\nTrain with cuda_graph_step=False"):
+        step(batch, optimizer)

@@ -97,9 +97,14 @@ class RecordedStep:
         optimizer.zero_grad(set_to_none=True)  # the backward pass then writes gradients into the graph's memory
         graph = torch.cuda.CUDAGraph()
         # thread_local: the loader's pin-memory thread and checkpoint writers may use CUDA while this records
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            loss = self.forward_and_loss(self._inputs)
-            loss.backward()
+        try:
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                loss = self.forward_and_loss(self._inputs)
+                loss.backward()
+        except RuntimeError as error:  # CUDA's own message names a call, not the setting that made it
+            raise RuntimeError(f"cuda_graph_step: recording training step {self.steps} as one CUDA graph failed: "
+                               f"{error}\nTrain with cuda_graph_step=False (with fast_gpu each encoder then "
+                               f"replays CUDA graphs of its own)") from error
         self.graph, self._loss = graph, loss.detach()
         self._recorded_gradients = [(parameter, parameter.grad) for group in optimizer.param_groups
                                     for parameter in group["params"] if parameter.grad is not None]
