@@ -140,9 +140,7 @@ class RetrievalModule(L.LightningModule):
         else:
             scores = self.model.score(text, windows, mask)
             loss = multi_positive_contrastive_loss(scores, batch["clip_index"], self.positive_weighting)
-        # Not prog_bar=True: Lightning would read it back after every step (TrainingProgressBar shows it).
-        self.log(TRAIN_LOSS, loss, batch_size=len(batch["caption"]), sync_dist=distributed)
-        self.log("train/tau", self.model.tau.detach(), batch_size=len(batch["caption"]))
+        self._log_training(loss, len(batch["caption"]), distributed)
         loss = self.loss_weight * loss
         if self.teachers:  # stage 2 trains on one device (the config check says so)
             estimates = torch.stack([teacher.similarities(batch["caption"], batch["clip_index"])
@@ -156,9 +154,13 @@ class RetrievalModule(L.LightningModule):
         loss = self.recorded_step(recorded_step_inputs(self.model, batch, self.device), self.optimizers())
         self.lr_schedulers().step()
         loss = loss.clone()  # the next replay overwrites the recorded loss; Lightning reads the logged one later
-        self.log(TRAIN_LOSS, loss, batch_size=len(batch["caption"]))
-        self.log("train/tau", self.model.tau.detach(), batch_size=len(batch["caption"]))
+        self._log_training(loss, len(batch["caption"]))
         return loss
+
+    def _log_training(self, loss: torch.Tensor, captions: int, distributed: bool = False) -> None:
+        # Not prog_bar=True: Lightning would read it back after every step (TrainingProgressBar shows it).
+        self.log(TRAIN_LOSS, loss, batch_size=captions, sync_dist=distributed)
+        self.log("train/tau", self.model.tau.detach(), batch_size=captions)
 
     def _evaluation_step(self, batch: dict) -> None:
         captions = [caption for captions in batch["captions"] for caption in captions]

@@ -63,18 +63,16 @@ class RecordedStep:
             self.graph.replay()
             optimizer.step()
             return self._loss
-        if on_gpu and self._side_stream is None:
-            self._side_stream = torch.cuda.Stream()
-        stream = self._side_stream if on_gpu else None
-        if stream is not None:
-            stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream) if stream is not None else nullcontext():
+        if on_gpu:
+            self._side_stream = self._side_stream or torch.cuda.Stream()
+            self._side_stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self._side_stream) if on_gpu else nullcontext():
             optimizer.zero_grad(set_to_none=True)
             loss = self.forward_and_loss(self._inputs)
             loss.backward()
             optimizer.step()
-        if stream is not None:
-            torch.cuda.current_stream().wait_stream(stream)
+        if on_gpu:
+            torch.cuda.current_stream().wait_stream(self._side_stream)
         return loss.detach()
 
     def _copy_in(self, inputs: dict[str, torch.Tensor]) -> None:
