@@ -39,6 +39,7 @@ from search.index import check_model, file_scores, model_fingerprint, read_index
 from search.page import render_page, write_ranked_csv, write_similarity_csv
 from utils.checkpoints import checkpoint_folder, load_model_weights, read_checkpoint, resolve_checkpoint
 from utils.compile_cache import load_compile_cache
+from utils.devices import bf16_problem
 from utils.directories import directories, get_data_dir
 from utils.distributed import is_rank_zero
 from utils.figures import save_training_curves
@@ -251,6 +252,13 @@ def check_hardware(precision, accelerator: str, devices, num_nodes: int, require
     if num_nodes > 1 and not any(key in os.environ for key in ("WORLD_SIZE", "SLURM_NTASKS", "NODE_RANK")):
         raise RuntimeError(f"num_nodes={num_nodes} needs a launcher that starts the other machines: torchrun or "
                            f"srun (README, 'Several GPUs and nodes')")
+    if uses_cuda(accelerator):  # Lightning's devices=N trains on cuda:0 to N-1; -1 and "auto" on every GPU
+        indices = devices if isinstance(devices, (list, tuple)) else range(torch.cuda.device_count())[
+            :wanted if isinstance(wanted, int) and wanted > 0 else None]
+        for index in indices:
+            problem = bf16_problem(precision, torch.cuda.get_device_name(index), torch.cuda.get_device_capability(index))
+            if problem:
+                raise RuntimeError(problem)
     if require_gpu and not torch.cuda.is_available():
         raise RuntimeError("no CUDA GPU is visible (require_gpu=True, set by fast_gpu, lean_single_gpu and make "
                            "train): run on a GPU machine, or add require_gpu=False to train on this machine anyway")

@@ -99,6 +99,44 @@ def test_bad_config_fails_before_training(data_dir, updates, error, message):
     assert not (data_dir / "runs").exists()  # nothing trained, no run folder
 
 
+GPUS = {0: ("NVIDIA A100-SXM4-80GB", (8, 0)), 1: ("Tesla T4", (7, 5))}
+
+
+def pretend_gpus(monkeypatch, *indices: int) -> None:
+    """torch.cuda answering as a machine with the GPUs `GPUS[index]`, in that order (nothing runs on them)."""
+    gpus = [GPUS[index] for index in indices]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(gpus))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: gpus[index][0])
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=0: gpus[index][1])
+
+
+@pytest.mark.parametrize("gpus, devices", [((1,), 1), ((0, 1), 2), ((0, 1), [1]), ((0, 1), -1)])
+def test_bf16_on_a_gpu_without_bf16_tensor_cores_stops_before_work(data_dir, monkeypatch, gpus, devices):
+    pretend_gpus(monkeypatch, *gpus)
+    with pytest.raises(RuntimeError, match=r"precision='bf16-mixed' on Tesla T4 \(compute capability 7.5\): .*"
+                                           r"from compute capability 8.0, Ampere, on.*set precision=16-mixed"):
+        run_demo(data_dir, accelerator="gpu", precision="bf16-mixed", devices=devices)
+    assert not (data_dir / "runs").exists()
+
+
+def test_bf16_is_refused_only_where_a_gpu_in_use_lacks_it():
+    from utils.devices import bf16_problem
+
+    assert bf16_problem("bf16-mixed", *GPUS[0]) is None
+    assert bf16_problem("bf16-mixed", "NVIDIA H100 80GB HBM3", (9, 0)) is None
+    assert bf16_problem("16-mixed", *GPUS[1]) is None and bf16_problem("32", *GPUS[1]) is None
+    assert bf16_problem("bf16-true", *GPUS[1]).startswith("precision='bf16-true' on Tesla T4")
+
+
+def test_bf16_on_the_gpus_in_use_passes_the_hardware_check(monkeypatch):
+    from experiments.ex_dcase24 import check_hardware
+
+    pretend_gpus(monkeypatch, 0, 1)  # the T4 is cuda:1, which devices=1 leaves out
+    check_hardware(precision="bf16-mixed", accelerator="gpu", devices=1, num_nodes=1, require_gpu=True)
+    check_hardware(precision="bf16-mixed", accelerator="gpu", devices=[0], num_nodes=1, require_gpu=True)
+
+
 def test_every_config_problem_is_reported_at_once_one_line_each(data_dir):
     with pytest.raises(ConfigError) as raised:
         run_demo(data_dir, max_epochs="abc", monitor="accuracy", data_loader__batch_size=2.5,
