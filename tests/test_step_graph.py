@@ -9,6 +9,7 @@ from contextlib import contextmanager, nullcontext
 import pytest
 import torch
 
+import experiments.retrieval_module
 import utils.step_graph
 from tests.test_experiment import run_demo
 from utils.step_graph import RecordedStep
@@ -24,11 +25,15 @@ def logged_steps(data_dir) -> dict[str, list[float]]:
     return {column: [float(row[column]) for row in rows if row.get(column)] for column in columns}
 
 
-def test_a_recorded_step_trains_as_lightnings_own_loop(data_dir, tmp_path):
+@pytest.mark.parametrize("precision, adamw", [("32", {}), ("bf16-mixed", {"fused": True})],
+                         ids=["demo", "fast_gpu_precision_and_adamw"])
+def test_a_recorded_step_trains_as_lightnings_own_loop(data_dir, tmp_path, monkeypatch, precision, adamw):
     """Two demo epochs, TAP, the same seed: the step's losses, the learning rate of every step and the validation
-    metrics of Lightning's automatic optimisation, stepped by the module instead."""
+    metrics of Lightning's automatic optimisation, stepped by the module instead; also under what fast_gpu trains
+    with on a GPU, Lightning's bf16 autocast and fused AdamW (which the CPU has too)."""
+    monkeypatch.setattr(experiments.retrieval_module, "adamw_implementation", lambda on_gpu, clips_gradients: adamw)
     settings = dict(FIXED_SHAPES, max_epochs=2, data_loader__batch_size=4, log_every_n_steps=1,
-                    audio_features__aggregate="TAP")
+                    audio_features__aggregate="TAP", precision=precision)
     run_demo(data_dir, **settings)
     automatic = logged_steps(data_dir)
     for run in (data_dir / "runs").iterdir():
