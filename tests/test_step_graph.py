@@ -5,13 +5,16 @@ stand-in for the recorded graph) the optimiser steps after each replay on the gr
 import csv
 import io
 from contextlib import contextmanager, nullcontext
+from functools import partial
 
 import pytest
 import torch
 
 import experiments.retrieval_module
 import utils.step_graph
+from experiments.retrieval_module import recorded_step_inputs, recorded_step_loss
 from tests.test_experiment import run_demo
+from tests.test_speed_options import demo_model
 from utils.step_graph import RecordedStep
 
 FIXED_SHAPES = {"audio_features__embed_all_windows": True, "audio_features__augment_on_device": True,
@@ -176,3 +179,27 @@ def test_a_recording_that_fails_names_the_setting_to_turn_off(cpu_graphs):
     with pytest.raises(RuntimeError, match=r"recording training step 2 as one CUDA graph failed: operation not "
                                            r"permitted when stream is capturing\nTrain with cuda_graph_step=False"):
         step(batch, optimizer)
+
+
+def test_compiled_encoders_in_a_recorded_step_compile_in_its_first_step_only(data_dir):
+    """On a GPU the step after the warm-up is recorded: a compilation then (a guard that failed on new captions or
+    clip lengths) would run inside the recording. `fast_gpu cuda_graph_step=True compile_mode=default` compiles both
+    encoders in the first step; later batches, tokenised outside the step and padded alike, compile nothing."""
+    torch._dynamo.reset()
+    graphs = []
+    model = demo_model(data_dir, audio_features={"embed_all_windows": True, "augment_on_device": True},
+                       sentence_features={"padding": "max_length"}).train()
+    model.compile_encoders(backend=lambda graph, example_inputs: graphs.append(graph) or graph.forward)
+    step = RecordedStep(partial(recorded_step_loss, model))
+    optimizer = torch.optim.AdamW(model.parameters())
+    counts = []
+    for captions, seconds in [(["a dog", "rain falls on a roof"], 30), (["a bell rings twice", "wind"], 7),
+                              (["birds chirp in the trees while a car passes", "water"], 12), (["a", "b c"], 2),
+                              (["thunder rumbles far away", "a door creaks open and slams shut"], 21)]:
+        batch = {"audio": torch.randn(2, 30 * 32000) * 0.1, "audio_length": torch.tensor([30, seconds]) * 32000,
+                 "clip_index": torch.arange(2), "caption": captions}
+        step(recorded_step_inputs(model, batch, torch.device("cpu")), optimizer)
+        counts.append(len(graphs))
+    assert step.warmup_steps < len(counts)
+    assert counts[0] >= 2 and counts == [counts[0]] * len(counts)  # text and audio, in the first step, never again
+    torch._dynamo.reset()
