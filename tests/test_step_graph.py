@@ -14,9 +14,10 @@ import experiments.retrieval_module
 import utils.step_graph
 from experiments.retrieval_module import recorded_step_inputs, recorded_step_loss
 from tests.test_experiment import run_demo
-from tests.test_speed_options import demo_model
+from tests.test_speed_options import HostTensors, demo_model
 from utils.step_graph import RecordedStep
 
+PUBLISHED_PATCHOUT = {"s_patchout_t": 15, "s_patchout_f": 2}  # the demo's is off
 FIXED_SHAPES = {"audio_features__embed_all_windows": True, "audio_features__augment_on_device": True,
                 "sentence_features__padding": "max_length"}
 
@@ -31,12 +32,13 @@ def logged_steps(data_dir) -> dict[str, list[float]]:
 @pytest.mark.parametrize("precision, adamw", [("32", {}), ("bf16-mixed", {"fused": True})],
                          ids=["demo", "fast_gpu_precision_and_adamw"])
 def test_a_recorded_step_trains_as_lightnings_own_loop(data_dir, tmp_path, monkeypatch, precision, adamw):
-    """Two demo epochs, TAP, the same seed: the step's losses, the learning rate of every step and the validation
+    """Two demo epochs, TAP with the published patchout, the same seed: the step's losses, the learning rate of every step and the validation
     metrics of Lightning's automatic optimisation, stepped by the module instead; also under what fast_gpu trains
     with on a GPU, Lightning's bf16 autocast and fused AdamW (which the CPU has too)."""
     monkeypatch.setattr(experiments.retrieval_module, "adamw_implementation", lambda on_gpu, clips_gradients: adamw)
     settings = dict(FIXED_SHAPES, max_epochs=2, data_loader__batch_size=4, log_every_n_steps=1,
-                    audio_features__aggregate="TAP", precision=precision)
+                    audio_features__aggregate="TAP", precision=precision,
+                    **{f"audio_features__model_config__{key}": value for key, value in PUBLISHED_PATCHOUT.items()})
     run_demo(data_dir, **settings)
     automatic = logged_steps(data_dir)
     for run in (data_dir / "runs").iterdir():
@@ -187,7 +189,8 @@ def test_compiled_encoders_in_a_recorded_step_compile_in_its_first_step_only(dat
     encoders in the first step; later batches, tokenised outside the step and padded alike, compile nothing."""
     torch._dynamo.reset()
     graphs = []
-    model = demo_model(data_dir, audio_features={"embed_all_windows": True, "augment_on_device": True},
+    model = demo_model(data_dir, audio_features={"embed_all_windows": True, "augment_on_device": True,
+                                                 "model_config": PUBLISHED_PATCHOUT},
                        sentence_features={"padding": "max_length"}).train()
     model.compile_encoders(backend=lambda graph, example_inputs: graphs.append(graph) or graph.forward)
     step = RecordedStep(partial(recorded_step_loss, model))
@@ -203,3 +206,21 @@ def test_compiled_encoders_in_a_recorded_step_compile_in_its_first_step_only(dat
     assert step.warmup_steps < len(counts)
     assert counts[0] >= 2 and counts == [counts[0]] * len(counts)  # text and audio, in the first step, never again
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("aggregate", ["mean", "TAP"])
+def test_the_recorded_function_makes_nothing_on_the_host_and_reads_nothing_back(data_dir, aggregate):
+    """What a recording keeps as it was: a tensor made on the host inside the step (copied over once, then frozen in
+    the graph) or a value read back (which stops a recording). On the `meta` device a read-back raises and a host
+    tensor shows up; the step's function, forward and backward, makes none (the captions are tokenised before)."""
+    model = demo_model(data_dir, audio_features={"embed_all_windows": True, "augment_on_device": True,
+                                                 "aggregate": aggregate, "model_config": PUBLISHED_PATCHOUT},
+                       sentence_features={"padding": "max_length"}).train()
+    assert model.audio_encoder.network.s_patchout_t == 15 and model.audio_encoder.network.s_patchout_f == 2
+    batch = {"audio": torch.zeros(3, 30 * 32000), "audio_length": torch.tensor([30, 12, 4]) * 32000,
+             "clip_index": torch.tensor([0, 1, 1]), "caption": ["a dog barks", "rain on a tin roof", "a bell"]}
+    inputs = {key: value.to("meta") for key, value in recorded_step_inputs(model, batch, torch.device("cpu")).items()}
+    model.to("meta")
+    with HostTensors() as host:
+        recorded_step_loss(model, inputs).backward()
+    assert host.operations == []
