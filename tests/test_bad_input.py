@@ -8,6 +8,7 @@ import torch
 
 from experiments.config_schema import ConfigError
 from tests.test_experiment import run_demo
+from utils.devices import bf16_problem
 
 CONFIG_CASES = [
     ({"audio_features__model": "cnn14"}, ConfigError, "audio_features.model='cnn14': expected one of 'passt', "
@@ -120,9 +121,7 @@ def test_bf16_on_a_gpu_without_bf16_tensor_cores_stops_before_work(data_dir, mon
     assert not (data_dir / "runs").exists()
 
 
-def test_bf16_is_refused_only_where_a_gpu_in_use_lacks_it():
-    from utils.devices import bf16_problem
-
+def test_bf16_is_refused_only_on_gpus_before_ampere():
     assert bf16_problem("bf16-mixed", *GPUS[0]) is None
     assert bf16_problem("bf16-mixed", "NVIDIA H100 80GB HBM3", (9, 0)) is None
     assert bf16_problem("16-mixed", *GPUS[1]) is None and bf16_problem("32", *GPUS[1]) is None
