@@ -31,23 +31,34 @@ def logged_steps(data_dir) -> dict[str, list[float]]:
 
 @pytest.mark.parametrize("precision, adamw", [("32", {}), ("bf16-mixed", {"fused": True})],
                          ids=["demo", "fast_gpu_precision_and_adamw"])
-def test_a_recorded_step_trains_as_lightnings_own_loop(data_dir, tmp_path, monkeypatch, precision, adamw):
-    """Two demo epochs, TAP with the published patchout, the same seed: the step's losses, the learning rate of every step and the validation
-    metrics of Lightning's automatic optimisation, stepped by the module instead; also under what fast_gpu trains
+def test_a_recorded_step_trains_as_lightnings_own_loop(data_dir, tmp_path, monkeypatch, request, precision, adamw):
+    """Two demo epochs, TAP with the published patchout, the same seed: the step's losses, the learning rate of every
+    step and the validation metrics of Lightning's automatic optimisation, stepped by the module instead: as a CPU
+    runs it (each step through the step's tensors), and with the step recorded and replayed through `CpuGraph`
+    (Lightning's optimiser wrapper then steps on the recorded gradients, which Lightning's release of gradients before
+    each validation used to replace: on a GPU the run stopped after it). Also under what fast_gpu trains
     with on a GPU, Lightning's bf16 autocast and fused AdamW (which the CPU has too)."""
     monkeypatch.setattr(experiments.retrieval_module, "adamw_implementation", lambda on_gpu, clips_gradients: adamw)
     settings = dict(FIXED_SHAPES, max_epochs=2, data_loader__batch_size=4, log_every_n_steps=1,
                     audio_features__aggregate="TAP", precision=precision,
                     **{f"audio_features__model_config__{key}": value for key, value in PUBLISHED_PATCHOUT.items()})
-    run_demo(data_dir, **settings)
-    automatic = logged_steps(data_dir)
-    for run in (data_dir / "runs").iterdir():
-        run.rename(tmp_path / run.name)
-    run_demo(data_dir, cuda_graph_step=True, **settings)
-    recorded = logged_steps(data_dir)
+
+    def logged_run(**updates) -> dict[str, list[float]]:
+        run_demo(data_dir, **settings, **updates)
+        logged = logged_steps(data_dir)
+        for run in (data_dir / "runs").iterdir():
+            run.rename(tmp_path / run.name)
+        return logged
+
+    automatic = logged_run()
     assert len(automatic["train/loss"]) >= 6 and len(automatic["val/mAP@10"]) == 2
-    assert recorded == automatic  # to the last digit logged: the same computation in the same order
     assert len(set(automatic["train/loss"])) == len(automatic["train/loss"])  # each step saw its own batch
+    assert logged_run(cuda_graph_step=True) == automatic  # to the last digit logged: the same computation, in order
+    attach_graph = request.getfixturevalue("cpu_graphs")  # from here on steps record and replay
+    record = RecordedStep._record
+    monkeypatch.setattr(RecordedStep, "_record", lambda step, optimizer: attach_graph(step) or record(step, optimizer))
+    assert logged_run(cuda_graph_step=True) == automatic
+    assert CpuGraph.made == 1 and CpuGraph.step.steps == len(automatic["train/loss"])
 
 
 class Linear(torch.nn.Module):
@@ -69,8 +80,12 @@ class CpuGraph:
 
     def __init__(self):
         CpuGraph.made += 1
+        self._random_state = torch.get_rng_state()  # before the recording, which a replay runs first
 
     def replay(self):
+        if self._random_state is not None:  # a recording runs nothing: its replay draws what the recording drew
+            torch.set_rng_state(self._random_state)
+            self._random_state = None
         for _, gradient in self.step._recorded_gradients:
             gradient.zero_()  # backward then adds into the same tensors: what the replay writes
         loss = self.step.forward_and_loss(self.step._inputs)

@@ -56,9 +56,9 @@ class RecordedStep:
         self._copy_in(inputs)
         self.steps += 1
         on_gpu = records_on(self._inputs)
-        if self.graph is None and on_gpu and self.steps > self.warmup_steps:
+        if not self.recorded and on_gpu and self.steps > self.warmup_steps:
             self._record(optimizer)
-        if self.graph is not None:
+        if self.recorded:
             self._check_gradients()
             self.graph.replay()
             optimizer.step()
@@ -74,6 +74,11 @@ class RecordedStep:
         if on_gpu:
             torch.cuda.current_stream().wait_stream(self._side_stream)
         return loss.detach()
+
+    @property
+    def recorded(self) -> bool:
+        """Whether steps now replay the recording (and write the gradients it made)."""
+        return self.graph is not None
 
     def _copy_in(self, inputs: dict[str, torch.Tensor]) -> None:
         if self._inputs is None:
