@@ -157,12 +157,6 @@ class RetrievalModule(L.LightningModule):
         self._log_training(loss, len(batch["caption"]))
         return loss
 
-    def on_validation_model_zero_grad(self) -> None:
-        # Lightning releases the gradients before each validation. A recorded step's gradients are the tensors its
-        # replays write into (in the graph's own memory, which releasing them would not free): they must stay.
-        if self.recorded_step is None or not self.recorded_step.recorded:
-            super().on_validation_model_zero_grad()
-
     def _log_training(self, loss: torch.Tensor, captions: int, distributed: bool = False) -> None:
         # Not prog_bar=True: Lightning would read it back after every step (TrainingProgressBar shows it).
         self.log(TRAIN_LOSS, loss, batch_size=captions, sync_dist=distributed)

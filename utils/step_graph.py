@@ -34,8 +34,8 @@ class RecordedStep:
     What a replay cannot see: anything `forward_and_loss` takes from elsewhere than `inputs` and the parameters
     (a number on the host, a Python random draw, a tensor made on the host and copied over) keeps its value from
     the recording. Every per-batch value must therefore come in `inputs`. The recorded gradients live in the graph's
-    memory, and each replay overwrites them, so after the recording nothing may set them to None or accumulate
-    into them. Without CUDA the same function runs eagerly on every batch, through the same input tensors.
+    memory, and each replay overwrites them: nothing may accumulate into them, and any set to None since are given
+    back before the next replay. Without CUDA the same function runs eagerly on every batch, through the same input tensors.
     """
 
     def __init__(self, forward_and_loss: Callable[[dict[str, torch.Tensor]], torch.Tensor], warmup_steps: int = 3):
@@ -59,7 +59,7 @@ class RecordedStep:
         if not self.recorded and on_gpu and self.steps > self.warmup_steps:
             self._record(optimizer)
         if self.recorded:
-            self._check_gradients()
+            self._restore_gradients()
             self.graph.replay()
             optimizer.step()
             return self._loss
@@ -112,11 +112,10 @@ class RecordedStep:
         self._recorded_gradients = [(parameter, parameter.grad) for group in optimizer.param_groups
                                     for parameter in group["params"] if parameter.grad is not None]
 
-    def _check_gradients(self) -> None:
-        """A replay writes into the recorded gradient tensors: if anything replaced them since (a
-        `zero_grad(set_to_none=True)`), the optimiser would step on stale gradients or none."""
-        replaced = sum(parameter.grad is not gradient for parameter, gradient in self._recorded_gradients)
-        if replaced:
-            raise RuntimeError(f"cuda_graph_step: {replaced} of the {len(self._recorded_gradients)} gradients the "
-                               f"recorded step writes were replaced after the recording (zero_grad(set_to_none="
-                               f"True)?); the optimiser would not see the replays' gradients")
+    def _restore_gradients(self) -> None:
+        """A replay writes into the gradient tensors of the recording, and the optimiser must step on those: any
+        that were set to None or replaced since (Lightning sets every gradient to None before each validation) are
+        given back. Releasing them freed nothing: they live in the graph's own memory."""
+        for parameter, gradient in self._recorded_gradients:
+            if parameter.grad is not gradient:
+                parameter.grad = gradient
