@@ -1,5 +1,5 @@
-"""Shared fixtures: a tiny generated dataset in the Clotho layout (built once per session), and torch.save
-slowed down to time checkpoint writes."""
+"""Shared fixtures: a tiny generated dataset in the Clotho layout (built once per session), torch.save slowed down
+to time checkpoint writes, and CUDA graph recordings stood in for on the CPU."""
 from __future__ import annotations
 
 import shutil
@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from data_loaders.demo_data import generate_demo_dataset
+from tests.graph_stand_in import record_on_the_cpu
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 TINY_SPLITS = {"development": 6, "validation": 3, "evaluation": 4}
@@ -44,3 +45,9 @@ def slow_saves(monkeypatch):
         return targets
 
     return slow_down
+
+
+@pytest.fixture
+def cpu_graphs(monkeypatch):
+    """Recorded steps record and replay on the CPU (`tests/graph_stand_in.py`); call it with the step."""
+    return record_on_the_cpu(monkeypatch)

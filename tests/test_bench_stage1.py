@@ -10,13 +10,15 @@ import torch
 
 from benchmarks.bench_stage1 import (CONFIGS, LEVERS, PUBLISHED, build_model, caption_vocabulary, counting_totals,
                                      draws_differ, every_window_total, model_tflop_per_sample,
-                                     projected_published_run, random_batch, replays_draw_afresh, run_experiment)
+                                     projected_published_run, random_batch, replays_draw_afresh, run_experiment,
+                                     training_step)
 from benchmarks.kernel_breakdown import breakdown
 from data_loaders.demo_data import write_text_model
 from experiments.ex_dcase24 import ex
 from experiments.retrieval_module import recorded_step_loss
 from experiments.tracking import PROFILE_TRACE
 from models.audio.passt import SAMPLE_RATE
+from tests.graph_stand_in import CpuGraph
 from utils.step_graph import RecordedStep
 
 
@@ -147,6 +149,28 @@ def test_replays_of_the_recorded_step_are_told_apart_by_their_draws(tmp_path: Pa
     monkeypatch.setattr(torch, "randperm", lambda size, **options: replayed[replayed < size].to(options.get("device")))
     monkeypatch.setattr(torch, "randint", lambda high, size, **options: torch.full(size, high // 2, **options))
     assert not replays_draw_afresh(model, recorded, batch, "cpu", settings["precision"])
+
+
+def test_the_step_benchmark_replays_the_recorded_step_again_after_its_draws_check(tmp_path: Path, cpu_graphs):
+    """STEP=1's order, through the CPU stand-in for the graph: the recorded step timed (warm-up, recording,
+    replays), then `draws_differ`, which sets every gradient to None, then `replays_draw_afresh`, which replays
+    again. Its replays must find their gradients (this stopped the benchmark, on a GPU, before its row)."""
+    vocabulary = caption_vocabulary(50)
+    torch.manual_seed(0)
+    text_folder = write_text_model(tmp_path, vocabulary, **CONFIGS["demo"]["text"])
+    settings = {**LEVERS["recorded_step"], "compile": None}  # eager: what is checked here is the order of calls
+    model = build_model(dict(CONFIGS["demo"], patchout=(2, 1)), text_folder, "cpu", settings)
+    recorded = RecordedStep(partial(recorded_step_loss, model), warmup_steps=1)
+    cpu_graphs(recorded)
+    generator, optimizer = torch.Generator().manual_seed(0), torch.optim.AdamW(model.parameters())
+    batches = [random_batch(2, CONFIGS["demo"]["crop_seconds"], vocabulary, generator, "cpu") for _ in range(3)]
+    for batch in batches:
+        training_step(model, optimizer, None, batch, "cpu", settings, recorded)
+    assert CpuGraph.made == 1 and recorded.recorded
+    assert draws_differ(model, settings, batches[0], "cpu")
+    assert all(parameter.grad is None for parameter in model.parameters())
+    assert replays_draw_afresh(model, recorded, batches[0], "cpu", settings["precision"])
+    assert all(parameter.grad is gradient for parameter, gradient in recorded._recorded_gradients)
 
 
 def test_a_failed_run_names_its_log_and_shows_its_end(data_dir: Path):

@@ -5,15 +5,14 @@ stand-in for the recorded graph) the optimiser steps after each replay on the gr
 import csv
 import io
 from collections.abc import Callable
-from contextlib import contextmanager, nullcontext
 from functools import partial
 
 import pytest
 import torch
 
 import experiments.retrieval_module
-import utils.step_graph
 from experiments.retrieval_module import recorded_step_inputs, recorded_step_loss
+from tests.graph_stand_in import CpuGraph
 from tests.test_experiment import run_demo
 from tests.test_speed_options import HostTensors, demo_model
 from utils.step_graph import RecordedStep
@@ -70,48 +69,6 @@ class Linear(torch.nn.Module):
 
     def loss(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return ((inputs["x"] @ self.weight + self.bias - inputs["y"]) ** 2).mean()
-
-
-class CpuGraph:
-    """torch.cuda.CUDAGraph's effect, on the CPU: the recording block runs once (a real recording only records it),
-    and a replay runs the recorded step again through its own input tensors, writing the loss and the gradients
-    into the tensors the recording left, as a replay overwrites them."""
-    made = 0
-    step: RecordedStep | None = None  # the step under test, whose recording this is
-
-    def __init__(self):
-        CpuGraph.made += 1
-        self._random_state = torch.get_rng_state()  # before the recording, which a replay runs first
-
-    def replay(self):
-        if self._random_state is not None:  # a recording runs nothing: its replay draws what the recording drew
-            torch.set_rng_state(self._random_state)
-            self._random_state = None
-        for _, gradient in self.step._recorded_gradients:
-            gradient.zero_()  # backward then adds into the same tensors: what the replay writes
-        loss = self.step.forward_and_loss(self.step._inputs)
-        loss.backward()
-        self.step._loss.copy_(loss.detach())
-
-
-@pytest.fixture
-def cpu_graphs(monkeypatch):
-    """Steps record and replay on the CPU through `CpuGraph`; the streams are no-ops. Call it with the step."""
-    CpuGraph.made = 0
-    stream = type("Stream", (), {"wait_stream": lambda self, other: None})
-
-    @contextmanager
-    def recording(graph, capture_error_mode="global"):
-        assert capture_error_mode == "thread_local"  # the loader's pin-memory thread keeps using CUDA
-        yield
-
-    monkeypatch.setattr(utils.step_graph, "records_on", lambda inputs: True)
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", CpuGraph)
-    monkeypatch.setattr(torch.cuda, "graph", recording)
-    monkeypatch.setattr(torch.cuda, "Stream", stream)
-    monkeypatch.setattr(torch.cuda, "stream", lambda stream: nullcontext())
-    monkeypatch.setattr(torch.cuda, "current_stream", stream)
-    return lambda step: setattr(CpuGraph, "step", step)
 
 
 def trains_as_direct_steps(model: Linear, step: Callable[[dict, torch.optim.Optimizer], torch.Tensor],
