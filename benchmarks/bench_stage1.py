@@ -463,7 +463,9 @@ def bench_step(args: argparse.Namespace) -> None:
         if lever["compile"] and args.deadline and time.monotonic() - started > args.deadline:
             report({**common, "lever": name, "skipped": f"past --deadline {args.deadline} s"}, args.json)
             continue
-        model = None  # the memory this lever reserves is its own: the last lever's model, graphs and cache go first
+        # the memory this lever reserves is its own: the last lever's model, recorded step (which holds the model
+        # and its graph's pool), graphs and cache go first
+        model = recorded = None
         torch._dynamo.reset()  # this lever's compilation counted alone; frees earlier CUDA graphs' pools
         counters.clear()
         if device == "cuda":

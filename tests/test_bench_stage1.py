@@ -1,13 +1,17 @@
 """The stage-1 speed benchmark measures the workload the published training runs, and counts its FLOPs so."""
+import argparse
 import csv
+import gc
 import gzip
 import json
+import weakref
 from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 
+import benchmarks.bench_stage1 as bench_stage1
 from benchmarks.bench_stage1 import (CONFIGS, LEVERS, PUBLISHED, build_model, caption_vocabulary, counting_totals,
                                      draws_differ, every_window_total, model_tflop_per_sample,
                                      projected_published_run, random_batch, replays_draw_afresh, run_experiment,
@@ -171,6 +175,30 @@ def test_the_step_benchmark_replays_the_recorded_step_again_after_its_draws_chec
     assert all(parameter.grad is None for parameter in model.parameters())
     assert replays_draw_afresh(model, recorded, batches[0], "cpu", settings["precision"])
     assert all(parameter.grad is gradient for parameter, gradient in recorded._recorded_gradients)
+
+
+def test_each_lever_is_built_after_the_last_levers_recorded_step_is_gone(tmp_path: Path, monkeypatch):
+    """Each lever's peak memory is its own: a recorded step holds its model and, on a GPU, its graph's memory pool
+    (the activations of a whole step), which the next lever's peak would otherwise include."""
+    monkeypatch.setitem(LEVERS, "recorded_step", {**LEVERS["recorded_step"], "compile": None})  # eager on the CPU
+    recorded_steps, make_step, build = [], bench_stage1.RecordedStep, bench_stage1.build_model
+
+    def making_step(*args, **kwargs) -> RecordedStep:
+        recorded_steps.append(weakref.ref(step := make_step(*args, **kwargs)))
+        return step
+
+    def building(*args, **kwargs):
+        gc.collect()
+        assert [ref() for ref in recorded_steps] == [None] * len(recorded_steps)
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(bench_stage1, "RecordedStep", making_step)
+    monkeypatch.setattr(bench_stage1, "build_model", building)
+    bench_stage1.bench_step(argparse.Namespace(
+        config="demo", device="cpu", steps=2, warmup=1, batch_size=None, levers=["recorded_step", "published"],
+        evaluate_after=[], eval_batches=[16], eval_clips=4, deadline=None, profile_after=None,
+        profile_file=str(tmp_path / "profile.txt"), patchout=None, json=None))
+    assert len(recorded_steps) == 1
 
 
 def test_a_failed_run_names_its_log_and_shows_its_end(data_dir: Path):
