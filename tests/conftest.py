@@ -48,6 +48,6 @@ def slow_saves(monkeypatch):
 
 
 @pytest.fixture
-def cpu_graphs(monkeypatch):
-    """Recorded steps record and replay on the CPU (`tests/graph_stand_in.py`); call it with the step."""
-    return record_on_the_cpu(monkeypatch)
+def cpu_graphs(monkeypatch) -> None:
+    """Recorded steps record and replay on the CPU (`tests/graph_stand_in.py`)."""
+    record_on_the_cpu(monkeypatch)

@@ -2,7 +2,6 @@
 optimiser, the benchmark's checks) is tested on machines without CUDA."""
 from __future__ import annotations
 
-from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 
 import pytest
@@ -17,7 +16,7 @@ class CpuGraph:
     and a replay runs the recorded step again through its own input tensors, writing the loss and the gradients
     into the tensors the recording left, as a replay overwrites them."""
     made = 0
-    step: RecordedStep | None = None  # the step under test, whose recording this is
+    step: RecordedStep | None = None  # the step whose recording this is
 
     def __init__(self):
         CpuGraph.made += 1
@@ -38,10 +37,16 @@ class CpuGraph:
             parameter.grad = gradient
 
 
-def record_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> Callable[[RecordedStep], None]:
-    """Steps record and replay on the CPU through `CpuGraph`; the streams are no-ops. Returns what tells the stand-in
-    which step it records."""
+def record_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Steps record and replay on the CPU through `CpuGraph` (each graph replays the step that recorded it); the
+    streams are no-ops."""
     CpuGraph.made = 0
+    record = RecordedStep._record
+
+    def recording_step(step: RecordedStep, optimizer) -> None:
+        CpuGraph.step = step
+        record(step, optimizer)
+
     stream = type("Stream", (), {"wait_stream": lambda self, other: None})
 
     @contextmanager
@@ -55,4 +60,4 @@ def record_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> Callable[[RecordedStep
     monkeypatch.setattr(torch.cuda, "Stream", stream)
     monkeypatch.setattr(torch.cuda, "stream", lambda stream: nullcontext())
     monkeypatch.setattr(torch.cuda, "current_stream", stream)
-    return lambda step: setattr(CpuGraph, "step", step)
+    monkeypatch.setattr(RecordedStep, "_record", recording_step)

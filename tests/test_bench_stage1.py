@@ -165,7 +165,6 @@ def test_the_step_benchmark_replays_the_recorded_step_again_after_its_draws_chec
     settings = {**LEVERS["recorded_step"], "compile": None}  # eager: what is checked here is the order of calls
     model = build_model(dict(CONFIGS["demo"], patchout=(2, 1)), text_folder, "cpu", settings)
     recorded = RecordedStep(partial(recorded_step_loss, model), warmup_steps=1)
-    cpu_graphs(recorded)
     generator, optimizer = torch.Generator().manual_seed(0), torch.optim.AdamW(model.parameters())
     batches = [random_batch(2, CONFIGS["demo"]["crop_seconds"], vocabulary, generator, "cpu") for _ in range(3)]
     for batch in batches:

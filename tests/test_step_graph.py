@@ -54,9 +54,7 @@ def test_a_recorded_step_trains_as_lightnings_own_loop(data_dir, tmp_path, monke
     assert len(automatic["train/loss"]) >= 6 and len(automatic["val/mAP@10"]) == 2
     assert len(set(automatic["train/loss"])) == len(automatic["train/loss"])  # each step saw its own batch
     assert logged_run(cuda_graph_step=True) == automatic  # to the last digit logged: the same computation, in order
-    attach_graph = request.getfixturevalue("cpu_graphs")  # from here on steps record and replay
-    record = RecordedStep._record
-    monkeypatch.setattr(RecordedStep, "_record", lambda step, optimizer: attach_graph(step) or record(step, optimizer))
+    request.getfixturevalue("cpu_graphs")  # from here on steps record and replay
     assert logged_run(cuda_graph_step=True) == automatic
     assert CpuGraph.made == 1 and CpuGraph.step.steps == len(automatic["train/loss"])
 
@@ -94,7 +92,6 @@ def test_a_recorded_step_replays_each_batch_into_the_recorded_gradients(cpu_grap
     graph is recorded, and the gradients the optimiser reads stay the tensors the recording made."""
     model = Linear()
     step = RecordedStep(model.loss, warmup_steps=2)
-    cpu_graphs(step)
     trains_as_direct_steps(model, step, steps=6)
     assert CpuGraph.made == 1
     assert len(step._recorded_gradients) == 2
@@ -106,7 +103,6 @@ def test_gradients_set_to_none_after_the_recording_are_given_back_to_the_replays
     gradient tensors, so the optimiser must find those again (it stepped on none, or the run stopped, before)."""
     model = Linear()
     step = RecordedStep(model.loss, warmup_steps=1)
-    cpu_graphs(step)
 
     def step_after_release(inputs: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer) -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
@@ -151,7 +147,6 @@ def test_a_recording_that_fails_names_the_setting_to_turn_off(cpu_graphs):
         return model.loss(inputs)
 
     step = RecordedStep(loss, warmup_steps=1)
-    cpu_graphs(step)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     batch = {"x": torch.ones(5, 2), "y": torch.zeros(5)}
     step(batch, optimizer)
