@@ -256,7 +256,8 @@ def check_hardware(precision, accelerator: str, devices, num_nodes: int, require
         indices = devices if isinstance(devices, (list, tuple)) else range(torch.cuda.device_count())[
             :wanted if isinstance(wanted, int) and wanted > 0 else None]
         for index in indices:
-            problem = bf16_problem(precision, torch.cuda.get_device_name(index), torch.cuda.get_device_capability(index))
+            problem = bf16_problem(precision, torch.cuda.get_device_name(index),
+                                   torch.cuda.get_device_capability(index))
             if problem:
                 raise RuntimeError(problem)
     if require_gpu and not torch.cuda.is_available():

@@ -35,7 +35,8 @@ class RecordedStep:
     (a number on the host, a Python random draw, a tensor made on the host and copied over) keeps its value from
     the recording. Every per-batch value must therefore come in `inputs`. The recorded gradients live in the graph's
     memory, and each replay overwrites them: nothing may accumulate into them, and any set to None since are given
-    back before the next replay. Without CUDA the same function runs eagerly on every batch, through the same input tensors.
+    back before the next replay. Without CUDA the same function runs eagerly on every batch, through the same input
+    tensors.
     """
 
     def __init__(self, forward_and_loss: Callable[[dict[str, torch.Tensor]], torch.Tensor], warmup_steps: int = 3):
