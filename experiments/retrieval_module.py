@@ -15,7 +15,7 @@ from models.retrieval_model import RetrievalModel
 from models.teacher import Teacher
 from utils.distributed import gather_evaluation
 from utils.devices import to_device
-from utils.metrics import MultiMatch, retrieval_metrics
+from utils.metrics import AUDIO_TO_TEXT, MultiMatch, audio_to_text_metrics, retrieval_metrics
 from utils.schedule import learning_rate_factor
 from utils.step_graph import RecordedStep
 
@@ -186,6 +186,8 @@ class RetrievalModule(L.LightningModule):
         scores = self.model.pooling.rank_split(collected["text"], collected["windows"], collected["mask"],
                                                collected["caption_row"])
         metrics = retrieval_metrics(scores, collected["caption_row"])
+        metrics.update({f"{AUDIO_TO_TEXT}{name}": value
+                        for name, value in audio_to_text_metrics(scores, collected["caption_row"]).items()})
         for name, value in metrics.items():  # every rank holds the same value; syncing keeps Lightning's books
             self.log(f"{prefix}/{name}", value, prog_bar=name == "mAP@10", sync_dist=distributed)
         if self.multi_match is not None and prefix.startswith("test"):

@@ -15,6 +15,8 @@ from tests.graph_stand_in import record_on_the_cpu
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 TINY_SPLITS = {"development": 6, "validation": 3, "evaluation": 4}
+# A run's result: the test split's metrics, text to audio and audio to text
+RESULT_KEYS = {"mAP@10", "R@1", "R@5", "R@10", "a2t_mAP@10", "a2t_R@1", "a2t_R@5", "a2t_R@10"}
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from experiments.config_schema import ConfigError
+from tests.conftest import RESULT_KEYS
 from tests.test_experiment import run_demo
 from utils.devices import bf16_problem
 
@@ -186,7 +187,7 @@ def test_checkpoint_of_another_model_lists_the_weights_that_do_not_fit(data_dir)
     first = run_demo(data_dir)
     checkpoint = str(Path(first.info["run_folder"]) / "checkpoints" / "last.ckpt")
     second = run_demo(data_dir, load_parameters=checkpoint, max_epochs=1)  # same model: loads and trains
-    assert set(second.result) == {"mAP@10", "R@1", "R@5", "R@10"}
+    assert set(second.result) == RESULT_KEYS
     runs_before = sorted((data_dir / "runs").iterdir())
     with pytest.raises(ValueError, match=r"does not fit this model .*weights 14 missing: pooling\.output_norm"):
         run_demo(data_dir, load_parameters=checkpoint, audio_features__aggregate="TAP")
@@ -289,7 +290,7 @@ def test_ctrl_c_marks_the_run_interrupted_and_resume_continues_the_schedule(data
     saved = torch.load(last, map_location="cpu", weights_only=False)
     resumed = run_demo(data_dir, resume_training=str(last), **{key.replace(".", "__"): eval(value) for key, value in
                                                               (setting.split("=") for setting in settings)})
-    assert set(resumed.result) == {"mAP@10", "R@1", "R@5", "R@10"}
+    assert set(resumed.result) == RESULT_KEYS
     rows = list(__import__("csv").DictReader(open(next((Path(resumed.info["run_folder"]) / "logs").glob(
         "*/metrics.csv")))))
     trained = [row for row in rows if row["train/loss"]]

@@ -23,6 +23,7 @@ from data_loaders.demo_data import generate_demo_dataset
 from models.losses import multi_positive_contrastive_loss, sharded_contrastive_loss
 from models.pooling import MeanPooling, OwnCaptionAttentionPooling, TextAwareAttentionPooling
 from models.retrieval_model import RetrievalModel
+from tests.conftest import RESULT_KEYS
 
 REPO = Path(__file__).resolve().parents[1]
 # One clip (3) appears on both ranks, another (5) twice across them: positives cross the shard boundary.
@@ -179,7 +180,7 @@ def test_two_process_demo_is_one_run_and_tests_a_checkpoint_like_one_process(tmp
     (run_folder,) = (tmp_path / "runs").iterdir()  # one run folder, written by rank 0
     (record,) = [path for path in (tmp_path / "sacred").iterdir() if path.name != "_sources"]  # one Sacred run
     assert json.loads((record / "run.json").read_text())["status"] == "COMPLETED"
-    assert set(result_of(trained)) == {"mAP@10", "R@1", "R@5", "R@10"}
+    assert set(result_of(trained)) == RESULT_KEYS
     checkpoint = run_folder / "checkpoints" / "last.ckpt"
     alone, together = (result_of(run_cli("cmd_test_on_clothov2", *common, f"load_model={checkpoint}",
                                          f"devices={devices}", "data_loader.batch_size_eval=2"))

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from experiments.ex_dcase24 import ex
+from tests.conftest import RESULT_KEYS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,7 +48,7 @@ def test_demo_runs_end_to_end_through_the_command_line(data_dir):
     assert completed.returncode == 0, completed.stderr[-3000:]
     result_line = [line for line in completed.stderr.splitlines() if "Result: {" in line][-1]
     result = ast.literal_eval(result_line.split("Result: ", 1)[1])
-    assert set(result) == {"mAP@10", "R@1", "R@5", "R@10"}
+    assert set(result) == RESULT_KEYS
     assert all(0.0 <= value <= 1.0 for value in result.values())
     assert "mAP@10" in completed.stdout and "(chance 0.5208)" in completed.stdout  # 4 test clips
     assert "train/loss=" in completed.stdout  # on the bar, read when it refreshes
@@ -169,7 +170,7 @@ def test_text_projection_is_published_empty_or_salsa_linear(data_dir, projection
 
 def test_published_own_caption_protocol_trains_and_tests_end_to_end(data_dir):
     run = run_demo(data_dir, audio_features__aggregate="TAP_own_caption", max_epochs=2, log_every_n_steps=1)
-    assert set(run.result) == {"mAP@10", "R@1", "R@5", "R@10"} and all(0 <= v <= 1 for v in run.result.values())
+    assert set(run.result) == RESULT_KEYS and all(0 <= v <= 1 for v in run.result.values())
     metrics_csv = next((Path(run.info["run_folder"]) / "logs").glob("*/metrics.csv")).read_text()
     assert "lr-AdamW/tap" in metrics_csv and "val/mAP@10" in metrics_csv
 
@@ -378,6 +379,6 @@ def test_the_selected_weights_are_tested_and_the_others_logged(data_dir, monkeyp
     run = run_demo(data_dir, max_epochs=2, test_weights=test_weights)
     names = {"last": "last.ckpt", "best": Path(run.info["best_checkpoint"]).name}
     assert calls == [(names[test_weights], "test"), (names[other], f"test_{other}")]
-    assert set(run.info[f"test_{other}"]) == set(run.result) == {"mAP@10", "R@1", "R@5", "R@10"}
+    assert set(run.info[f"test_{other}"]) == set(run.result) == RESULT_KEYS
     metrics_csv = next((Path(run.info["run_folder"]) / "logs").glob("*/metrics.csv")).read_text()
     assert "test/mAP@10" in metrics_csv and f"test_{other}/mAP@10" in metrics_csv

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from utils.metrics import chance_metrics, retrieval_metrics, target_ranks
+from utils.metrics import (audio_to_text_metrics, chance_metrics, grouped_average_precision, retrieval_metrics,
+                           target_ranks)
 
 
 def test_hand_computed_ranks_and_metrics():
@@ -50,3 +51,51 @@ def test_chance_matches_random_rankings():
     for name, value in chance_metrics(100).items():
         assert measured[name] == pytest.approx(value, abs=0.01)
     assert chance_metrics(100)["mAP@10"] == pytest.approx(0.0293, abs=1e-4)
+
+
+def test_audio_to_text_ranks_each_clips_own_captions_among_all_captions():
+    # captions 0, 1 belong to clip 0, captions 2, 3 to clip 1
+    scores = torch.tensor([[0.9, 0.1],
+                           [0.2, 0.8],
+                           [0.5, 0.3],
+                           [0.4, 0.7]])
+    targets = torch.tensor([0, 0, 1, 1])
+    # clip 0 ranks captions 0, 2, 3, 1: its own at 1 and 4; clip 1 ranks 1, 3, 2, 0: its own at 2 and 3
+    metrics = audio_to_text_metrics(scores, targets)
+    assert metrics["R@1"] == pytest.approx(0.5) and metrics["R@5"] == metrics["R@10"] == 1.0
+    assert metrics["mAP@10"] == pytest.approx(((1 / 1 + 2 / 4) / 2 + (1 / 2 + 2 / 3) / 2) / 2)
+    assert retrieval_metrics(scores, targets)["R@1"] == pytest.approx(0.5)  # text to audio: captions 0 and 3
+    tied = audio_to_text_metrics(torch.ones(4, 2), targets)  # ties count against the clip: both captions at rank 4
+    assert tied["R@1"] == 0.0 and tied["mAP@10"] == pytest.approx((1 / 4 + 2 / 4) / 2)
+
+
+def brute_force_audio_to_text(scores: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    hits, precisions = {1: 0, 5: 0, 10: 0}, []
+    for clip in range(scores.shape[1]):
+        column = scores[:, clip]
+        ranks = sorted(int((column >= column[caption]).sum()) for caption in (targets == clip).nonzero().flatten())
+        for k in hits:
+            hits[k] += ranks[0] <= k
+        precisions.append(sum(i / rank for i, rank in enumerate(ranks, start=1) if rank <= 10) / len(ranks))
+    return {**{f"R@{k}": count / scores.shape[1] for k, count in hits.items()},
+            "mAP@10": sum(precisions) / len(precisions)}
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_audio_to_text_equals_a_clip_by_clip_count_with_ties_and_uneven_caption_counts(seed):
+    generator = torch.Generator().manual_seed(seed)
+    clips = 25
+    targets = torch.cat([torch.arange(clips), torch.randint(0, clips, (60,), generator=generator)])  # 1 to ~8 each
+    targets = targets[torch.randperm(len(targets), generator=generator)]
+    scores = torch.randint(0, 6, (len(targets), clips), generator=generator).float()  # many ties
+    measured = audio_to_text_metrics(scores, targets, block=7)  # blocks that do not divide the captions
+    assert measured == pytest.approx(brute_force_audio_to_text(scores, targets), abs=1e-6)
+
+
+def test_average_precision_needs_a_relevant_item_for_every_query():
+    with pytest.raises(ValueError, match=r"queries without a relevant item: \[1\]"):
+        grouped_average_precision(torch.tensor([1, 2]), torch.tensor([0, 2]), 3, 10)
+    with pytest.raises(ValueError, match="relevant items of query 3, but there are 3 queries"):
+        grouped_average_precision(torch.tensor([1, 2, 1]), torch.tensor([0, 1, 3]), 3, 10)
+    with pytest.raises(ValueError, match=r"queries without a relevant item: \[1\]"):
+        audio_to_text_metrics(torch.rand(3, 3), torch.tensor([0, 2, 2]))  # clip 1 has no caption

@@ -15,6 +15,7 @@ from data_loaders.clotho_v2 import read_captions
 from data_loaders.stored_embeddings import embedding_files
 from experiments.ex_dcase24 import ex
 from models.losses import distillation_loss
+from tests.conftest import RESULT_KEYS
 from tests.test_experiment import run_demo
 from tests.test_speed_options import HostTensors
 from utils.checkpoints import resolve_checkpoint
@@ -184,7 +185,7 @@ def test_stage1_embeddings_stage2_through_the_command_line_with_salsas_keys(stag
     assert completed.returncode == 0, completed.stderr[-3000:]
     result = ast.literal_eval([line for line in completed.stderr.splitlines() if "Result: {" in line][-1]
                               .split("Result: ", 1)[1])
-    assert set(result) == {"mAP@10", "R@1", "R@5", "R@10"}
+    assert set(result) == RESULT_KEYS
     stage2 = max((data_dir / "runs").iterdir(), key=lambda folder: folder.stat().st_mtime)
     assert stage2.name != name
     metrics = next(stage2.glob("logs/*/metrics.csv")).read_text()

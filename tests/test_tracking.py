@@ -20,6 +20,7 @@ import torch
 
 from experiments.checkpointing import CHECKPOINT_SECONDS, FileCheckpointIO, LastEpochCheckpoint
 from experiments.tracking import TRAIN_LOSS, SacredMetrics
+from tests.conftest import RESULT_KEYS
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = ["with", "demo", "data_loader.n_workers=0", "data_loader.batch_size=8", "log_every_n_steps=1"]
@@ -87,7 +88,7 @@ def test_run_history_in_mongodb_from_the_environment(data_dir, mongo):
     database = pymongo.MongoClient(f"mongodb://127.0.0.1:{port}")["history"]
     (run,) = list(database.runs.find())
     assert run["status"] == "COMPLETED"
-    assert set(run["result"]) == {"mAP@10", "R@1", "R@5", "R@10"}
+    assert set(run["result"]) == RESULT_KEYS
     assert run["config"]["seed"] == 77 and run["config"]["max_epochs"] == 2
     assert "Result:" in run["captured_out"] or "test split" in run["captured_out"]
     assert run["host"]["hostname"]
@@ -132,7 +133,7 @@ def test_server_lost_mid_run_keeps_the_run(data_dir, mongo):
     (run_folder,) = (data_dir / "runs").glob("2*")
     (pickled,) = (run_folder / "mongo_failures").glob("*.pickle")
     record = pickle.loads(pickled.read_bytes())
-    assert record["status"] == "COMPLETED" and set(record["result"]) == {"mAP@10", "R@1", "R@5", "R@10"}
+    assert record["status"] == "COMPLETED" and set(record["result"]) == RESULT_KEYS
     copy = json.loads(next((data_dir / "sacred_runs").glob("*/run.json")).read_text())
     assert copy["status"] == "COMPLETED"
     metrics = json.loads(next((data_dir / "sacred_runs").glob("*/metrics.json")).read_text())

@@ -1,4 +1,5 @@
-"""Retrieval metrics for text-to-audio ranking (DCASE task 6b conventions)."""
+"""Retrieval metrics: text-to-audio ranking (DCASE task 6b conventions) and, as most audio-text retrieval papers
+also report it, audio-to-text ranking."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,6 +9,7 @@ import torch
 RECALL_CUTOFFS = (1, 5, 10)
 MAP_CUTOFF = 10
 METRIC_NAMES = (*(f"R@{k}" for k in RECALL_CUTOFFS), f"mAP@{MAP_CUTOFF}")
+AUDIO_TO_TEXT = "a2t_"  # the prefix of the audio-to-text metrics where both directions are logged
 
 
 def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -51,15 +53,57 @@ def chance_metrics(clips: int) -> dict[str, float]:
 MULTI_MATCH_CUTOFFS = (16, 10)  # DCASE 2025 task 6 ranks by mAP@16
 
 
+def grouped_average_precision(ranks: torch.Tensor, query: torch.Tensor, queries: int, cutoff: int) -> torch.Tensor:
+    """AP@k of each query from the 1-based ranks of all its relevant items: (1/n) * sum over its ranks
+    r_1 <= r_2 <= ... <= r_n that are <= k of i / r_i.
+
+    ranks: (items,) each relevant item's rank in its query's ranking; query: (items,) the query it belongs to.
+    Returns (queries,).
+    """
+    counts = torch.bincount(query, minlength=queries)
+    if len(counts) > queries:
+        raise ValueError(f"relevant items of query {len(counts) - 1}, but there are {queries} queries")
+    if not counts.all():
+        raise ValueError(f"queries without a relevant item: {(counts == 0).nonzero().flatten().tolist()[:10]}")
+    order = torch.argsort(ranks, stable=True)
+    order = order[torch.argsort(query[order], stable=True)]  # by query, then by rank
+    ranks, query = ranks[order].float(), query[order]
+    first = torch.cumsum(counts, dim=0) - counts
+    position = torch.arange(1, len(ranks) + 1, device=ranks.device) - first[query]  # i: 1 for a query's best
+    precision = torch.where(ranks <= cutoff, position / ranks, torch.zeros_like(ranks))
+    return torch.zeros(queries, device=ranks.device).index_add_(0, query, precision) / counts
+
+
 def multi_match_average_precision(scores: torch.Tensor, relevant: torch.Tensor, cutoff: int) -> torch.Tensor:
-    """AP@k of one query with several relevant clips: (1/n) * sum over relevant ranks r_i <= k of i / r_i, where
-    r_1 <= r_2 <= ... are their 1-based ranks (ties against the query, as in `target_ranks`).
+    """AP@k of one query with several relevant clips (ranks with ties against the query, as in `target_ranks`).
 
     scores: (clips,) of one query; relevant: (n,) clip indices.
     """
-    ranks = (scores.unsqueeze(0) >= scores[relevant].unsqueeze(1)).sum(dim=1).sort().values.float()
-    order = torch.arange(1, len(ranks) + 1, dtype=torch.float32, device=ranks.device)
-    return torch.where(ranks <= cutoff, order / ranks, torch.zeros_like(ranks)).sum() / len(ranks)
+    ranks = (scores.unsqueeze(0) >= scores[relevant].unsqueeze(1)).sum(dim=1)
+    return grouped_average_precision(ranks, torch.zeros_like(ranks), 1, cutoff)[0]
+
+
+def audio_to_text_metrics(scores: torch.Tensor, targets: torch.Tensor, block: int = 1024) -> dict[str, float]:
+    """Each clip ranks every caption of the split; its own captions are the relevant ones. R@k: the share of clips
+    with at least one of their captions among the first k (the convention of the audio-text retrieval literature,
+    which ranks a clip by its best caption); mAP@10: AP@10 over all of a clip's captions, as for DCASE 2025's
+    multi-match queries. Ties count against the clip.
+
+    scores: (captions, clips); targets: (captions,) index of each caption's clip. Compared in blocks of `block`
+    captions, so memory stays (block, captions) booleans.
+    """
+    scores, targets = scores.float(), targets.long()
+    if targets.shape != (scores.shape[0],):
+        raise ValueError(f"targets must have shape ({scores.shape[0]},), got {tuple(targets.shape)}")
+    clips = scores.shape[1]
+    by_clip = scores.t()
+    own = scores.gather(1, targets.unsqueeze(1))  # (captions, 1): each caption's score with its clip
+    ranks = torch.cat([(by_clip[targets[rows]] >= own[rows]).sum(dim=1)
+                       for rows in torch.arange(len(targets), device=scores.device).split(block)])
+    best = torch.full((clips,), len(targets) + 1, device=scores.device).scatter_reduce(0, targets, ranks, "amin")
+    metrics = {f"R@{k}": (best <= k).float().mean().item() for k in RECALL_CUTOFFS}
+    metrics[f"mAP@{MAP_CUTOFF}"] = grouped_average_precision(ranks, targets, clips, MAP_CUTOFF).mean().item()
+    return metrics
 
 
 @dataclass(frozen=True)
