@@ -44,7 +44,7 @@ from utils.directories import directories, get_data_dir
 from utils.distributed import is_rank_zero
 from utils.figures import save_training_curves
 from utils.files import write_text_atomically
-from utils.metrics import chance_metrics
+from utils.metrics import split_chance
 from utils.paths import create_unique_folder
 from utils.schedule import save_schedule_plot
 
@@ -466,7 +466,7 @@ def cmd_test_on_clothov2(load_model: str, positive_weighting: str, max_audio_sec
     module = RetrievalModule(model, build_optimisation(), positive_weighting, multi_match=multi_match)
     (tested,) = build_test_trainer().test(module, loader)
     metrics = {key.removeprefix("test/"): value for key, value in tested.items()}
-    chance = chance_metrics(len(loader.dataset))
+    chance = split_chance([len(clip.captions) for clip in loader.dataset.clips])
     print(f"test split, {load_model}: {metrics_line(metrics, chance)}")
     return metrics
 
@@ -558,7 +558,7 @@ def cmd_search(index_file: str, query: str | None = None, queries_file: str | No
 
 
 def metrics_line(metrics: dict[str, float], chance: dict[str, float]) -> str:
-    """The text-to-audio metrics against chance, then the others (audio to text, DCASE 2025's multi-match)."""
+    """The metrics of both directions against chance, then DCASE 2025's multi-match ones."""
     others = [f"{name} {value:.4f}" for name, value in metrics.items() if name not in chance]
     return ", ".join([f"{metric} {metrics[metric]:.4f} (chance {chance[metric]:.4f})" for metric in chance] + others)
 
@@ -681,7 +681,7 @@ def train_and_evaluate(resume_training: str | None, seed: int, test_weights: str
     checkpoints = {"last": last_checkpoint(trainer), "best": trainer.checkpoint_callback.best_model_path}
     _run.info["best_checkpoint"] = checkpoints["best"]
     print(f"best checkpoint: {checkpoints['best']}")
-    chance = chance_metrics(len(loaders["test"].dataset))
+    chance = split_chance([len(clip.captions) for clip in loaders["test"].dataset.clips])
     other = next(name for name in TEST_WEIGHTS if name != test_weights)
     results = {}
     for name, prefix in ((test_weights, "test"), (other, f"test_{other}")):

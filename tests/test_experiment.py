@@ -3,6 +3,7 @@ import ast
 import csv
 import io
 import os
+import re
 import subprocess
 import sys
 import time
@@ -51,12 +52,14 @@ def test_demo_runs_end_to_end_through_the_command_line(data_dir):
     assert set(result) == RESULT_KEYS
     assert all(0.0 <= value <= 1.0 for value in result.values())
     assert "mAP@10" in completed.stdout and "(chance 0.5208)" in completed.stdout  # 4 test clips
+    assert re.search(r"a2t_R@1 [0-9.]+ \(chance 0\.2500\)", completed.stdout)  # 5 of their 20 captions first
     assert "train/loss=" in completed.stdout  # on the bar, read when it refreshes
     (run_folder,) = (data_dir / "runs").iterdir()
     checkpoints = sorted(path.name for path in (run_folder / "checkpoints").iterdir())
     assert "last.ckpt" in checkpoints and any(name.startswith("best-") for name in checkpoints)
     metrics_csv = next(run_folder.glob("logs/*/metrics.csv")).read_text()
-    for column in ("val/mAP@10", "train/loss", "lr-AdamW/audio_encoder", "lr-AdamW/sentence_encoder"):
+    for column in ("val/mAP@10", "val/a2t_mAP@10", "train/loss", "lr-AdamW/audio_encoder",
+                   "lr-AdamW/sentence_encoder"):
         assert column in metrics_csv
     assert "lr-AdamW/sentence_project" not in metrics_csv  # published projection "none" has no parameters
     assert (data_dir / "clotho_demo" / "audio_cache" / "evaluation.h5").is_file()

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from utils.metrics import (audio_to_text_metrics, chance_metrics, grouped_average_precision, retrieval_metrics,
-                           target_ranks)
+from utils.metrics import (audio_to_text_chance, audio_to_text_metrics, chance_metrics, grouped_average_precision,
+                           retrieval_metrics, split_chance, target_ranks)
 
 
 def test_hand_computed_ranks_and_metrics():
@@ -99,3 +99,22 @@ def test_average_precision_needs_a_relevant_item_for_every_query():
         grouped_average_precision(torch.tensor([1, 2, 1]), torch.tensor([0, 1, 3]), 3, 10)
     with pytest.raises(ValueError, match=r"queries without a relevant item: \[1\]"):
         audio_to_text_metrics(torch.rand(3, 3), torch.tensor([0, 2, 2]))  # clip 1 has no caption
+
+
+def test_audio_to_text_chance_matches_random_rankings():
+    captions_per_clip = [5] * 20 + [1, 2, 3, 10]  # uneven, as after added captions
+    targets = torch.arange(len(captions_per_clip)).repeat_interleave(torch.tensor(captions_per_clip))
+    generator = torch.Generator().manual_seed(0)
+    draws = [audio_to_text_metrics(torch.rand(len(targets), len(captions_per_clip), generator=generator), targets)
+             for _ in range(2000)]
+    expected = audio_to_text_chance(captions_per_clip)
+    for name, value in expected.items():
+        values = torch.tensor([draw[name] for draw in draws], dtype=torch.float64)
+        standard_error = values.std() / len(values) ** 0.5
+        assert abs(values.mean() - value) < 4 * standard_error, name  # a formula off by more is wrong
+    assert expected["R@1"] == pytest.approx(1 / 24)  # rank 1 is a clip's own with probability n/N: 1/24 on average
+    assert audio_to_text_chance([1] * 100) == pytest.approx(chance_metrics(100))  # one caption each: as text to audio
+    assert split_chance([5] * 100)["R@1"] == chance_metrics(100)["R@1"]
+    assert split_chance([5] * 100)["a2t_R@1"] == pytest.approx(0.01)  # 5 of 500 captions at rank 1
+    with pytest.raises(ValueError, match="every clip needs a caption"):
+        audio_to_text_chance([5, 0])

@@ -2,6 +2,8 @@
 also report it, audio-to-text ranking."""
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -104,6 +106,32 @@ def audio_to_text_metrics(scores: torch.Tensor, targets: torch.Tensor, block: in
     metrics = {f"R@{k}": (best <= k).float().mean().item() for k in RECALL_CUTOFFS}
     metrics[f"mAP@{MAP_CUTOFF}"] = grouped_average_precision(ranks, targets, clips, MAP_CUTOFF).mean().item()
     return metrics
+
+
+def audio_to_text_chance(captions_per_clip: Sequence[int]) -> dict[str, float]:
+    """Expected audio-to-text metrics of a random ranking of a split's N captions, its clips having these numbers of
+    captions. A clip with n has one among the first k with probability 1 - C(N-n, k) / C(N, k); the caption at rank
+    r is its own with probability n/N, and then (r-1)(n-1)/(N-1) of its own are expected above it."""
+    if not captions_per_clip or min(captions_per_clip) < 1:
+        raise ValueError(f"captions_per_clip={list(captions_per_clip)[:10]}: every clip needs a caption")
+    total = sum(captions_per_clip)
+
+    def expected(n: int) -> dict[str, float]:
+        recall = {f"R@{k}": 1 - math.comb(total - n, min(k, total)) / math.comb(total, min(k, total))
+                  for k in RECALL_CUTOFFS}
+        precisions = sum((1 + (rank - 1) * (n - 1) / max(total - 1, 1)) / rank
+                         for rank in range(1, min(MAP_CUTOFF, total) + 1))
+        return {**recall, f"mAP@{MAP_CUTOFF}": precisions / total}  # (1/n) * (n/N) * the sum
+
+    per_clip = [expected(n) for n in captions_per_clip]
+    return {name: sum(metrics[name] for metrics in per_clip) / len(per_clip) for name in per_clip[0]}
+
+
+def split_chance(captions_per_clip: Sequence[int]) -> dict[str, float]:
+    """Both directions' chance metrics of an evaluation split, named as its evaluation logs them."""
+    audio_to_text = audio_to_text_chance(captions_per_clip)
+    return {**chance_metrics(len(captions_per_clip)),
+            **{f"{AUDIO_TO_TEXT}{name}": value for name, value in audio_to_text.items()}}
 
 
 @dataclass(frozen=True)
