@@ -11,7 +11,7 @@ from torch.utils._pytree import tree_flatten
 
 from experiments.ex_dcase24 import ex
 from experiments.retrieval_module import RetrievalModule
-from experiments.tracking import Throughput
+from experiments.tracking import LatestOnHost, Throughput
 from models.losses import multi_positive_contrastive_loss
 from tests.test_experiment import run_demo
 
@@ -289,7 +289,39 @@ def test_the_training_loop_reads_the_device_only_to_log_and_refresh_the_bar(data
     step (`cuda_graph_step`) reads no more: a read-back inside it would stop its recording on a GPU."""
     reads = reads_per_training_batch(data_dir, monkeypatch, audio_features__aggregate="TAP",
                                      audio_features__augment_on_device=True, **settings)
-    assert sorted(reads) == [4, 9, 14]  # logging (batches 5, 10, 15) and the bar (batches 10 and 15, the last)
+    assert sorted(reads) == [4, 9, 14]  # logging (batches 5, 10, 15) and the bar (10, 15; from a GPU it never waits)
+
+
+class ArrivesWhenTold:
+    """A copy to the host that arrives only once the test says so, as a copy queued behind a busy GPU's work does."""
+
+    def __init__(self):
+        self.started: list[float] = []
+        self.arrived = 0
+
+    def __call__(self, tensor: torch.Tensor):
+        index = len(self.started)
+        self.started.append(float(tensor))
+        return tensor.clone(), lambda: self.arrived > index
+
+
+def test_the_bar_shows_the_newest_loss_that_reached_the_host_without_waiting_for_one():
+    copies = ArrivesWhenTold()
+    latest = LatestOnHost(copies)
+    assert latest(torch.tensor(3.0)) is None  # its first copy is on its way: nothing to show yet, and no wait
+    assert latest(torch.tensor(2.5)) is None
+    assert copies.started == [3.0]  # no second copy while one is on its way
+    copies.arrived = 1
+    assert latest(torch.tensor(2.0)) == 3.0  # the copy that arrived, and a copy of this value started
+    assert latest(torch.tensor(1.5)) == 3.0
+    copies.arrived = 2
+    assert latest(torch.tensor(1.0)) == 2.0
+    assert copies.started == [3.0, 2.0, 1.0]
+
+
+def test_on_a_cpu_the_bar_shows_the_current_loss():
+    latest = LatestOnHost()
+    assert [latest(torch.tensor(value)) for value in (3.0, 2.0)] == [3.0, 2.0]
 
 
 @pytest.mark.parametrize("fused, reads", [(False, 3), (True, 0)])
