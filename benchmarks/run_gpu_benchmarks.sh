@@ -1,26 +1,26 @@
 #!/usr/bin/env bash
 # The GPU figures of benchmarks/RESULTS.md in one go, results as JSON lines in the folder given (default:
-# benchmarks/gpu_results). By default what one device command (at most 9.1 minutes) must bring: the end-to-end fit
-# with the whole step recorded as one CUDA graph (`fast_gpu cuda_graph_step=True compile_mode=default`; on a fresh
-# machine the HDF5 cache is written first and every kernel compiled; run 5: 226 s on an H200), then the recorded step
-# alone, whose row says whether its replays draw patchout afresh (`replays_draw_afresh`), then, where at least 4
-# minutes are left, `fast_gpu` as shipped (the encoders' own CUDA graphs) on the same machine; each fit with 10 steps
-# of one more epoch profiled (does the real loop wait for the GPU, or the GPU for the host and the loader?), the
-# run's output in fit_run_*.log as it comes, so a fit stopped by its limit shows how far it got. STEP=1 runs instead the model step alone (at most 9.1 minutes): the
-# CUDA-graph step, the recorded step (with `replays_draw_afresh`) and its profile, then the real windows only under
-# CUDA graphs, warmed up on every window total. The step trains with the published patchout since 2026-11-27; runs
-# 1-4 did not (`--patchout 0 0` repeats them). AUTOTUNE=1 runs instead the one GPU lever left untried,
-# `max_autotune` (inductor chooses its matrix kernels by timing them; long compilation), against the CUDA-graph step
-# on the same machine, with its profile (at most 9.3 minutes). ALL=1 adds the figures of RESULTS.md measured before
-# (~17 minutes more): TAP's full-split scoring and `fast_gpu` with only the real windows among them, and a checkpoint
-# of the baseline's size written from the GPU three ways (Lightning's, ours, in the background), and the loader's
-# parts on this machine's cores (can 12 workers and the pin-memory thread feed 400 captions/s?). LEARNING=1
-# runs, instead of all that, a command of its own (at most 9.7 minutes): does `fast_gpu` learn as the published
-# settings (fp16 autocast, eager) do, on the TAP demo of a data set it was never tuned on, seed by seed
-# (benchmarks/bench_learning.py; on a CPU only its levers without CUDA graphs could run). REAL_SIZE=1 runs instead
-# the end-to-end fit on a data set of Clotho's sizes (3,839 / 1,045 / 1,045 clips; at most 9.5 minutes).
-# Each part has its own time limit, so a slow part cannot take the others' figures with it. COMPILE_CACHE=FILE hands
-# every compiled fit `compile_cache=FILE`: read first if it exists (what an earlier machine compiled), then rewritten.
+# benchmarks/gpu_results). By default what one device command (at most 9.1 minutes) must bring: the end-to-end fit with
+# the whole step recorded as one CUDA graph (`fast_gpu cuda_graph_step=True compile_mode=default`; on a fresh machine
+# the HDF5 cache is written first and every kernel compiled; run 5: 226 s on an H200), then the recorded step alone,
+# whose row says whether its replays draw patchout afresh (`replays_draw_afresh`), then, where at least 4 minutes are
+# left, `fast_gpu` as shipped (the encoders' own CUDA graphs) on the same machine; each fit with 10 steps of one more
+# epoch profiled (does the real loop wait for the GPU, or the GPU for the host and the loader?), the run's output in
+# fit_run_*.log as it comes, so a fit stopped by its limit shows how far it got. STEP=1 runs instead the model step
+# alone (at most 9.1 minutes): the CUDA-graph step, the recorded step (with `replays_draw_afresh`) and its profile, then
+# the real windows only under CUDA graphs, warmed up on every window total. The step trains with the published patchout
+# since 2026-11-27; runs 1-4 did not (`--patchout 0 0` repeats them). AUTOTUNE=1 runs instead the one GPU lever left
+# untried, `max_autotune` (inductor chooses its matrix kernels by timing them; long compilation), against the CUDA-graph
+# step on the same machine, with its profile (at most 9.3 minutes). ALL=1 adds the figures of RESULTS.md measured before
+# (~17 minutes more): TAP's full-split scoring and `fast_gpu` with only the real windows among them, and a checkpoint of
+# the baseline's size written from the GPU three ways (Lightning's, ours, in the background), and the loader's parts on
+# this machine's cores (can 12 workers and the pin-memory thread feed 400 captions/s?). LEARNING=1 runs, instead of all
+# that, a command of its own (at most 9.7 minutes): does `fast_gpu` learn as the published settings (fp16 autocast,
+# eager) do, on the TAP demo of a data set it was never tuned on, seed by seed (benchmarks/bench_learning.py; on a CPU
+# only its levers without CUDA graphs could run). REAL_SIZE=1 runs instead the end-to-end fit on a data set of Clotho's
+# sizes (3,839 / 1,045 / 1,045 clips; at most 9.5 minutes). Each part has its own time limit, so a slow part cannot take
+# the others' figures with it. COMPILE_CACHE=FILE hands every compiled fit `compile_cache=FILE`: read first if it exists
+# (what an earlier machine compiled), then rewritten.
 set -u
 out=${1:-benchmarks/gpu_results}
 mkdir -p "$out"
