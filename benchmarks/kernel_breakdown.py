@@ -8,6 +8,7 @@ thread.
 """
 from __future__ import annotations
 
+import bisect
 import gzip
 import heapq
 import json
@@ -26,6 +27,8 @@ KERNEL_CLASSES = (
 COPIES = "memory copies and sets"
 OTHER = "other kernels"
 HOST_CATEGORIES = ("cpu_op", "user_annotation", "cuda_runtime")
+# runtime calls that return only once the GPU has finished: a value or copy read back, an explicit synchronisation
+SYNCHRONIZING_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
 NO_OPERATION = "no operation (Python between operations: Lightning, callbacks, the module's own code)"
 
 
@@ -116,6 +119,46 @@ def idle_milliseconds_by_host_operation(trace: dict, steps: int) -> dict[str, fl
     return dict(sorted(per_step.items(), key=lambda item: -item[1]))
 
 
+def host_waits(trace: dict) -> list[tuple[str, float, float | None]]:
+    """Each time the host waited for the GPU, in order: (the outermost operator that waited, or the runtime call where
+    none did; microseconds waited; microseconds the GPU then stood idle before its next work, None where it did no
+    more work in the trace). After a wait the GPU holds no queued work (once any other stream's is done), so it
+    idles until the host launches more."""
+    events = [event for event in trace.get("traceEvents", []) if event.get("ph") == "X"]
+    operators: dict[tuple, list[dict]] = {}
+    for event in events:
+        if event.get("cat") == "cpu_op":
+            operators.setdefault((event.get("pid"), event.get("tid")), []).append(event)
+    busy = busy_intervals(device_events(trace))
+    starts = [start for start, _ in busy]
+    waits = []
+    for call in sorted((event for event in events if event.get("cat") == "cuda_runtime"
+                        and event["name"] in SYNCHRONIZING_CALLS), key=lambda event: event["ts"]):
+        end = call["ts"] + call["dur"]
+        enclosing = [operator for operator in operators.get((call.get("pid"), call.get("tid")), [])
+                     if operator["ts"] <= call["ts"] and operator["ts"] + operator["dur"] >= end]
+        name = min(enclosing, key=lambda operator: operator["ts"])["name"] if enclosing else call["name"]
+        current = bisect.bisect_right(starts, end) - 1  # another stream may still be busy when this one is done
+        idle_from = max(end, busy[current][1]) if current >= 0 else end
+        following = current + 1
+        waits.append((name, call["dur"], starts[following] - idle_from if following < len(starts) else None))
+    return waits
+
+
+def waits_per_step(waits: list[tuple[str, float, float | None]], steps: int) -> dict[str, tuple[float, float, float]]:
+    """By the operator that waited, most GPU idle first: (waits, milliseconds waited, milliseconds of GPU idle after
+    them), each per step."""
+    totals: dict[str, list[float]] = {}
+    for name, waited, idle_after in waits:
+        total = totals.setdefault(name, [0, 0.0, 0.0])
+        total[0] += 1
+        total[1] += waited
+        total[2] += idle_after or 0.0
+    per_step = {name: (count / steps, waited / 1000 / steps, idle / 1000 / steps)
+                for name, (count, waited, idle) in totals.items()}
+    return dict(sorted(per_step.items(), key=lambda item: -item[1][2]))
+
+
 def breakdown(trace_path: Path, steps: int, step_milliseconds: float, rows: int = 8) -> str:
     """A few lines for the profile's text: the GPU's busy time against the step's, each kind of kernel, and the
     host operations the GPU's idle time fell in."""
@@ -133,4 +176,9 @@ def breakdown(trace_path: Path, steps: int, step_milliseconds: float, rows: int 
     idle = idle_milliseconds_by_host_operation(trace, steps)
     lines.append(f"GPU idle {sum(idle.values()):.1f} ms per step between its first and last work, while the host ran:")
     lines += [f"  {milliseconds:7.2f} ms  {name}" for name, milliseconds in list(idle.items())[:rows]]
+    waits = waits_per_step(host_waits(trace), steps)
+    lines.append(f"The host waited for the GPU {sum(count for count, _, _ in waits.values()):.2f} times per step; "
+                 f"the GPU idled {sum(idle for _, _, idle in waits.values()):.2f} ms per step right after:")
+    lines += [f"  {count:5.2f} x {waited:7.2f} ms waited, {idle:6.2f} ms idle after  {name}"
+              for name, (count, waited, idle) in list(waits.items())[:rows]]
     return "\n".join(lines) + "\n"

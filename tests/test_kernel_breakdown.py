@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.kernel_breakdown import (NO_OPERATION, breakdown, busy_milliseconds,
-                                        idle_milliseconds_by_host_operation, kernel_class, milliseconds_by_class)
+from benchmarks.kernel_breakdown import (NO_OPERATION, breakdown, busy_milliseconds, host_waits,
+                                        idle_milliseconds_by_host_operation, kernel_class, milliseconds_by_class,
+                                        waits_per_step)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -69,6 +70,27 @@ def test_the_gpus_idle_time_is_named_by_the_innermost_host_operation_of_the_laun
     assert list(idle)[0] == "Optimizer.step#AdamW.step"
 
 
+def test_each_wait_for_the_gpu_is_named_by_the_operator_that_asked_and_the_idle_that_followed_it():
+    """As in run 5's trace of the recorded step: the bar's loss read back (`aten::item`), the logger's copy to the
+    host (`aten::to`; its asynchronous copy call is no wait), a read at the trace's end, and a synchronisation on a
+    thread of its own, inside no operator of that thread, that returns while another stream still works."""
+    trace = {"traceEvents": [
+        kernel("nvjet_a", 0, 30_000), kernel("nvjet_b", 40_000, 30_000), kernel("nvjet_c", 75_000, 20_000),
+        host("aten::item", 10_000, 21_000), host("aten::_local_scalar_dense", 10_100, 20_800),
+        host("cudaStreamSynchronize", 10_200, 20_000, "cuda_runtime"),  # 30.2: the GPU next works at 40
+        host("aten::to", 60_000, 11_000), host("aten::copy_", 60_100, 10_800),
+        host("cudaMemcpyAsync", 60_200, 10, "cuda_runtime"),
+        host("cudaStreamSynchronize", 60_300, 10_000, "cuda_runtime"),  # 70.3: next work at 75
+        host("cudaDeviceSynchronize", 62_000, 1_000, "cuda_runtime", thread=2),  # 63: busy until 70, then 75
+        host("aten::item", 90_000, 6_000), host("cudaStreamSynchronize", 90_100, 5_000, "cuda_runtime")]}
+    assert host_waits(trace) == [("aten::item", 20_000, 9_800), ("aten::to", 10_000, 4_700),
+                                 ("cudaDeviceSynchronize", 1_000, 5_000), ("aten::item", 5_000, None)]
+    per_step = waits_per_step(host_waits(trace), steps=2)
+    expected = {"aten::item": (1.0, 12.5, 4.9), "cudaDeviceSynchronize": (0.5, 0.5, 2.5), "aten::to": (0.5, 5.0, 2.35)}
+    assert list(per_step) == list(expected)  # most idle after first
+    assert all(per_step[name] == pytest.approx(figures) for name, figures in expected.items())
+
+
 def test_the_breakdown_reads_a_gzipped_trace_and_ignores_host_events(tmp_path: Path):
     trace = {"traceEvents": [kernel("nvjet_a", 0, 30_000), kernel("sdpa_flash_fprop", 30_000, 10_000),
                              kernel("aten::mm", 0, 45_000, "cpu_op"),
@@ -80,6 +102,7 @@ def test_the_breakdown_reads_a_gzipped_trace_and_ignores_host_events(tmp_path: P
     assert text.splitlines()[0].startswith("GPU busy 20.0 ms of 25.0 ms per step under the profiler (80%")
     assert "15.00 ms  matrix products" in text and "5.00 ms  attention" in text
     assert "GPU idle 0.0 ms per step between its first and last work" in text  # back to back: no gap
+    assert "The host waited for the GPU 0.00 times per step" in text
     (tmp_path / "cpu.trace.json").write_text(json.dumps({"traceEvents": [kernel("aten::mm", 0, 5, "cpu_op")]}))
     assert breakdown(tmp_path / "cpu.trace.json", steps=1, step_milliseconds=1.0) == "no GPU work in cpu.trace.json\n"
 
