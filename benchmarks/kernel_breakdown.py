@@ -160,8 +160,8 @@ def waits_per_step(waits: list[tuple[str, float, float | None]], steps: int) -> 
 
 
 def breakdown(trace_path: Path, steps: int, step_milliseconds: float, rows: int = 8) -> str:
-    """A few lines for the profile's text: the GPU's busy time against the step's, each kind of kernel, and the
-    host operations the GPU's idle time fell in."""
+    """A few lines for the profile's text: the GPU's busy time against the step's, each kind of kernel, the host
+    operations the GPU's idle time fell in, and the host's waits for the GPU."""
     opener = gzip.open if trace_path.suffix == ".gz" else open
     with opener(trace_path, "rt") as handle:
         trace = json.load(handle)
