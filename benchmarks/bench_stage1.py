@@ -4,6 +4,7 @@
     python -m benchmarks.bench_stage1 step --config demo          # CPU-sized models
     python -m benchmarks.bench_stage1 fit --data-dir /tmp/bench   # real DataLoader, HDF5 cache, Lightning, Sacred
     python -m benchmarks.bench_stage1 plot --json-in step.jsonl --output levers.png  # samples/s and MFU per lever
+    python -m benchmarks.bench_stage1 plot-fits --json-in fit.jsonl --output fits.png  # end to end, fit by fit
 
 `step` builds the model with the published code's choices (fp16 AMP with a gradient scaler, explicit attention,
 per-tensor AdamW, hear21passt's host-side augmentation, transformers' own mask) and adds one lever at a time, each
@@ -641,24 +642,69 @@ def bar_label(row: dict) -> str:
     return ", ".join(details)
 
 
-def plot_levers(rows: list[dict], output: Path, target: float | None) -> None:
-    """One bar per lever: training samples/s, labelled by `bar_label`."""
+def plot_rates(names: list[str], rates: list[float], labels: list[str], title: str, output: Path,
+               target: float | None) -> None:
+    """Horizontal bars of training samples/s, top to bottom in the order given, each labelled, with the target as a
+    dashed line."""
     plt = pyplot()
-    figure, axis = plt.subplots(figsize=(8, 0.5 * len(rows) + 1.5))
-    names = [row["lever"] for row in rows][::-1]
-    rates = [row["samples_per_second"] for row in rows][::-1]
-    axis.barh(names, rates, color="tab:blue")
-    for position, row in enumerate(rows[::-1]):
-        axis.text(row["samples_per_second"], position, "  " + bar_label(row), va="center", fontsize="small")
+    figure, axis = plt.subplots(figsize=(11, 0.6 * len(names) + 1.5))
+    axis.barh(names[::-1], rates[::-1], color="tab:blue")
+    for position, (rate, label) in enumerate(zip(rates[::-1], labels[::-1])):
+        axis.text(rate, position, "  " + label, va="center", fontsize="small")
     if target:
-        axis.axvline(target, color="tab:red", linestyle="--", label=f"target {target:g}/s")
-        axis.legend(loc="lower right", fontsize="small")
-    axis.set_xlim(0, max(rates + [target or 0]) * 1.35)
-    axis.set(xlabel="training samples (caption-clip pairs) per second",
-             title=f"{rows[0]['machine']}, {rows[0]['config']}, batch {rows[0]['batch']}\n"
-                   f"each lever keeps those above it")
+        axis.axvline(target, color="tab:red", linestyle="--")
+        axis.text(target, len(names) - 0.45, f" target {target:g}/s", color="tab:red", fontsize="small")
+    axis.set_xlim(0, max(rates + [target or 0]) * 1.8)
+    axis.set_ylim(-0.6, len(names) - 0.1)
+    axis.set(xlabel="training samples (caption-clip pairs) per second", title=title)
     figure.tight_layout()
     save_figure(figure, output)
+
+
+def plot_levers(rows: list[dict], output: Path, target: float | None) -> None:
+    """One bar per lever: training samples/s, labelled by `bar_label`."""
+    plot_rates([row["lever"] for row in rows], [row["samples_per_second"] for row in rows],
+               [bar_label(row) for row in rows],
+               f"{rows[0]['machine']}, {rows[0]['config']}, batch {rows[0]['batch']}\neach lever keeps those above it",
+               output, target)
+
+
+def fit_rows(json_paths: list[Path]) -> list[dict]:
+    """The end-to-end rows of `fit --json` files, in the order of the files and their lines, each with its `source`
+    (folder/file, as benchmarks/results/ names a lease and a run)."""
+    rows = [{**json.loads(line), "source": f"{path.parent.name}/{path.stem}"}
+            for path in json_paths for line in path.read_text().splitlines() if line.strip()]
+    fits = [row for row in rows if row.get("command") == "fit" and "time/train_samples_per_second" in row]
+    if not fits:
+        raise SystemExit(f"{', '.join(map(str, json_paths))}: no fit rows (lines with command 'fit' and "
+                         f"'time/train_samples_per_second')")
+    return fits
+
+
+def fit_name(row: dict) -> str:
+    """Where a fit's row came from, its card, and the settings it ran with (where the compilation cache file lay is
+    left out)."""
+    card = row["machine"].split(",")[0].removeprefix("NVIDIA ")
+    settings = [setting for setting in row["settings"] if not setting.startswith("compile_cache=")]
+    return f"{row['source']}, {card}\n{' '.join(settings) or 'published settings'}"
+
+
+def fit_label(row: dict) -> str:
+    """A fit's rate and, where it reported them, its reserved GPU memory and the 20 epochs it projects."""
+    details = [f"{row['time/train_samples_per_second']:.1f}/s"]
+    if row.get("memory/peak_gpu_reserved_gib"):
+        details.append(f"{row['memory/peak_gpu_reserved_gib']:.1f} GiB reserved")
+    if row.get("projected_published_minutes"):
+        details.append(f"20 epochs {row['projected_published_minutes']:.1f} min")
+    return ", ".join(details)
+
+
+def plot_fits(rows: list[dict], output: Path, target: float | None) -> None:
+    """One bar per end-to-end fit: training samples/s of its last epoch, named by card and settings."""
+    plot_rates([fit_name(row) for row in rows], [row["time/train_samples_per_second"] for row in rows],
+               [fit_label(row) for row in rows],
+               "end to end: the real loader, Lightning, loss and optimiser\n(the last epoch's steady rate)", output,
+               target)
 
 
 def main() -> None:
@@ -701,9 +747,15 @@ def main() -> None:
     plot.add_argument("--json-in", type=Path, required=True)
     plot.add_argument("--output", type=Path, required=True)
     plot.add_argument("--target", type=float, help="a dashed line at this many samples/s")
+    fits = commands.add_parser("plot-fits", help="a PNG of the end-to-end rate of each fit in `fit --json` files")
+    fits.add_argument("--json-in", type=Path, nargs="+", required=True)
+    fits.add_argument("--output", type=Path, required=True)
+    fits.add_argument("--target", type=float, help="a dashed line at this many samples/s")
     args = parser.parse_args()
     if args.command == "plot":
         plot_levers(lever_rows(args.json_in), args.output, args.target)
+    elif args.command == "plot-fits":
+        plot_fits(fit_rows(args.json_in), args.output, args.target)
     else:
         bench_step(args) if args.command == "step" else bench_fit(args)
 

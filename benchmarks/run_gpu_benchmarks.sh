@@ -78,3 +78,5 @@ if [ "${ALL:-0}" = 1 ]; then
 fi
 [ -f "$out/step.jsonl" ] && $python -m benchmarks.bench_stage1 plot --json-in "$out/step.jsonl" \
     --output "$out/levers.png" --target 400
+[ -f "$out/fit.jsonl" ] && $python -m benchmarks.bench_stage1 plot-fits --json-in "$out/fit.jsonl" \
+    --output "$out/fits.png" --target 400

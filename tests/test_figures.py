@@ -1,9 +1,10 @@
-"""PNG figures: written whole or not at all; the stage-1 lever chart from the benchmark's JSON lines."""
+"""PNG figures: written whole or not at all; the stage-1 lever and fit charts from the benchmark's JSON lines."""
 import json
 
 import pytest
 
-from benchmarks.bench_stage1 import bar_label, lever_rows, plot_levers
+from benchmarks.bench_stage1 import (bar_label, fit_label, fit_name, fit_rows, lever_rows, plot_fits,
+                                     plot_levers)
 from utils.figures import logged_curves, pyplot, save_figure, save_training_curves
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -38,6 +39,29 @@ def test_lever_chart_takes_the_timed_rows_of_a_step_json(tmp_path):
     (tmp_path / "empty.jsonl").write_text(json.dumps(rows[1]) + "\n")
     with pytest.raises(SystemExit, match="empty.jsonl: no timed lever rows"):
         lever_rows(tmp_path / "empty.jsonl")
+
+
+def test_fit_chart_takes_the_fit_rows_of_several_files_named_by_their_source(tmp_path):
+    fit = {"command": "fit", "machine": "NVIDIA H200, torch 2.11.0+cu130", "time/train_samples_per_second": 436.46,
+           "memory/peak_gpu_reserved_gib": 15.14, "projected_published_minutes": 20.83,
+           "settings": ["fast_gpu", "cuda_graph_step=True", "compile_cache=/tmp/gpu/compile_cache.bin"]}
+    (tmp_path / "h200-2026-11-27").mkdir()
+    first, second = tmp_path / "h200-2026-11-27" / "fit.jsonl", tmp_path / "h200-2026-11-27" / "fit_rerun.jsonl"
+    first.write_text(json.dumps({"command": "step", "lever": "published", "samples_per_second": 70.0}) + "\n"
+                     + json.dumps(fit) + "\n")
+    second.write_text(json.dumps({**fit, "settings": [], "time/train_samples_per_second": 72.7,
+                                  "memory/peak_gpu_reserved_gib": None, "projected_published_minutes": None}) + "\n")
+    rows = fit_rows([first, second])
+    assert [row["time/train_samples_per_second"] for row in rows] == [436.46, 72.7]
+    assert fit_name(rows[0]) == "h200-2026-11-27/fit, H200\nfast_gpu cuda_graph_step=True"
+    assert fit_name(rows[1]) == "h200-2026-11-27/fit_rerun, H200\npublished settings"
+    assert fit_label(rows[0]) == "436.5/s, 15.1 GiB reserved, 20 epochs 20.8 min"
+    assert fit_label(rows[1]) == "72.7/s"
+    plot_fits(rows, tmp_path / "fits.png", target=400)
+    assert (tmp_path / "fits.png").read_bytes()[:8] == PNG
+    first.write_text(json.dumps({"command": "step", "lever": "published", "samples_per_second": 70.0}) + "\n")
+    with pytest.raises(SystemExit, match="fit.jsonl: no fit rows"):
+        fit_rows([first])
 
 
 def test_training_curves_come_from_lightnings_csv_log(tmp_path):
