@@ -17,10 +17,11 @@
 # this machine's cores (can 12 workers and the pin-memory thread feed 400 captions/s?). LEARNING=1 runs, instead of all
 # that, a command of its own (at most 9.7 minutes): does `fast_gpu` learn as the published settings (fp16 autocast,
 # eager) do, on the TAP demo of a data set it was never tuned on, seed by seed (benchmarks/bench_learning.py; on a CPU
-# only its levers without CUDA graphs could run). REAL_SIZE=1 runs instead the end-to-end fit on a data set of Clotho's
-# sizes (3,839 / 1,045 / 1,045 clips; at most 9.5 minutes). Each part has its own time limit, so a slow part cannot take
-# the others' figures with it. COMPILE_CACHE=FILE hands every compiled fit `compile_cache=FILE`: read first if it exists
-# (what an earlier machine compiled), then rewritten.
+# only its levers without CUDA graphs could run); LEARNING=graph_step asks the same of `fast_gpu` with the whole step as
+# one CUDA graph. REAL_SIZE=1 runs instead the end-to-end fit on a data set of Clotho's sizes (3,839 / 1,045 / 1,045
+# clips; at most 9.5 minutes). Each part has its own time limit, so a slow part cannot take the others' figures with it.
+# COMPILE_CACHE=FILE hands every compiled fit `compile_cache=FILE`: read first if it exists (what an earlier machine
+# compiled), then rewritten.
 set -u
 out=${1:-benchmarks/gpu_results}
 mkdir -p "$out"
@@ -33,11 +34,15 @@ cached=(${COMPILE_CACHE:+"compile_cache=$COMPILE_CACHE"})
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/machine.txt"
 $python -c "import torch, transformers, lightning; print('torch', torch.__version__, 'transformers', \
 transformers.__version__, 'lightning', lightning.__version__, 'cpus', __import__('os').cpu_count())" | tee -a "$out/machine.txt"
-if [ "${LEARNING:-0}" = 1 ]; then  # rows are kept as each run finishes, so a time limit keeps those before it
+if [ "${LEARNING:-0}" != 0 ]; then  # rows are kept as each run finishes, so a time limit keeps those before it
     learn=("$python" -m benchmarks.bench_learning --data-dir /tmp/learn_gpu --datasets ordered:1 --aggregates TAP
            --seeds 409194 1 2)
+    label=fast_gpu faster=(fast_gpu)
+    if [ "$LEARNING" = graph_step ]; then  # the whole step as one CUDA graph instead of fast_gpu as shipped
+        label=graph_step faster=(fast_gpu cuda_graph_step=True compile_mode=default)
+    fi
     timeout 250 "${learn[@]}" --label published --set accelerator=gpu precision=16-mixed  # the demo's is the CPU
-    timeout 330 "${learn[@]}" --label fast_gpu --set fast_gpu accelerator=gpu --reference published
+    timeout 330 "${learn[@]}" --label "$label" --set "${faster[@]}" accelerator=gpu --reference published
     cp /tmp/learn_gpu/results.jsonl "$out/learning.jsonl"
     exit
 fi
