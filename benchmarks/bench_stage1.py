@@ -745,12 +745,11 @@ def main() -> None:
                              f"published (15, 2) for baseline){earlier}")
     plot = commands.add_parser("plot", help="a PNG of samples/s and MFU per lever from a `step --json` file")
     plot.add_argument("--json-in", type=Path, required=True)
-    plot.add_argument("--output", type=Path, required=True)
-    plot.add_argument("--target", type=float, help="a dashed line at this many samples/s")
     fits = commands.add_parser("plot-fits", help="a PNG of the end-to-end rate of each fit in `fit --json` files")
     fits.add_argument("--json-in", type=Path, nargs="+", required=True)
-    fits.add_argument("--output", type=Path, required=True)
-    fits.add_argument("--target", type=float, help="a dashed line at this many samples/s")
+    for chart in (plot, fits):
+        chart.add_argument("--output", type=Path, required=True)
+        chart.add_argument("--target", type=float, help="a dashed line at this many samples/s")
     args = parser.parse_args()
     if args.command == "plot":
         plot_levers(lever_rows(args.json_in), args.output, args.target)
