@@ -621,9 +621,14 @@ def projected_published_run(per_epoch: dict[int, dict[str, float]], run_seconds:
             "projected_published_minutes": total / 60}
 
 
+def json_lines(path: Path) -> list[dict]:
+    """The records of a `--json` file, one per non-empty line."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def lever_rows(json_path: Path) -> list[dict]:
     """The timed training rows of a `step --json` file, in the order they were measured."""
-    rows = [json.loads(line) for line in json_path.read_text().splitlines() if line.strip()]
+    rows = json_lines(json_path)
     timed = [row for row in rows if "samples_per_second" in row and "lever" in row]
     if not timed:
         raise SystemExit(f"{json_path}: no timed lever rows (lines with 'lever' and 'samples_per_second')")
@@ -672,8 +677,7 @@ def plot_levers(rows: list[dict], output: Path, target: float | None) -> None:
 def fit_rows(json_paths: list[Path]) -> list[dict]:
     """The end-to-end rows of `fit --json` files, in the order of the files and their lines, each with its `source`
     (folder/file, as benchmarks/results/ names a lease and a run)."""
-    rows = [{**json.loads(line), "source": f"{path.parent.name}/{path.stem}"}
-            for path in json_paths for line in path.read_text().splitlines() if line.strip()]
+    rows = [{**row, "source": f"{path.parent.name}/{path.stem}"} for path in json_paths for row in json_lines(path)]
     fits = [row for row in rows if row.get("command") == "fit" and "time/train_samples_per_second" in row]
     if not fits:
         raise SystemExit(f"{', '.join(map(str, json_paths))}: no fit rows (lines with command 'fit' and "
