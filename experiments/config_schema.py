@@ -141,6 +141,7 @@ class Stage1Config(Section):
     compile_mode: Literal[COMPILE_MODES]
     compile_cache: Optional[str]
     cuda_graph_step: bool
+    overlap_batch_copy: bool
     precision: Any
     accumulate_grad_batches: Count
     gradient_clip_val: Optional[NonNegative]

@@ -129,6 +129,7 @@ def default_config():
     # epoch and each test (a fresh machine then skips most of the compilation; README, "Training speed on one GPU")
     cuda_graph_step = False  # True: each training step's forward and backward replayed as one recorded CUDA graph
     # (one launch instead of the host's per-step work; fixed shapes, one GPU; README, "Training speed on one GPU")
+    overlap_batch_copy = False  # True: each batch copied to the GPU on a stream of its own, while the step before runs
     precision = "16-mixed"  # Lightning precision: 16-mixed (fp16 AMP, published) | bf16-mixed | 32
     accumulate_grad_batches = 1
     gradient_clip_val = None
@@ -646,7 +647,7 @@ def build_teachers(distill_weight: float, distill_from: str | None, train_on: st
 @ex.main
 def train_and_evaluate(resume_training: str | None, seed: int, test_weights: str, positive_weighting: str,
                        loss_weight: float, distill_weight: float, compile_cache: str | None, cuda_graph_step: bool,
-                       _run) -> dict[str, float]:
+                       overlap_batch_copy: bool, _run) -> dict[str, float]:
     """Trains, then tests the weights `test_weights` selects (and logs the other's metrics as test_<other>/*).
 
     Checks run in the order that costs least when they fail: config, data files, checkpoints and stored
@@ -670,7 +671,7 @@ def train_and_evaluate(resume_training: str | None, seed: int, test_weights: str
         load_model_weights(model, checkpoint)
     loaders = build_data_loaders()
     module = RetrievalModule(model, build_optimisation(), positive_weighting, teachers, loss_weight, distill_weight,
-                             multi_match, cuda_graph_step)
+                             multi_match, cuda_graph_step, overlap_batch_copy)
     folder = run_folder()
     route_mongo_failures(_run, folder)
     _run.info["run_folder"] = str(folder)

@@ -14,7 +14,7 @@ from models.losses import distillation_loss, multi_positive_contrastive_loss
 from models.retrieval_model import RetrievalModel
 from models.teacher import Teacher
 from utils.distributed import gather_evaluation
-from utils.devices import to_device
+from utils.devices import SideStreamCopy, to_device
 from utils.metrics import AUDIO_TO_TEXT, MultiMatch, audio_to_text_metrics, retrieval_metrics
 from utils.schedule import learning_rate_factor
 from utils.step_graph import RecordedStep
@@ -69,11 +69,13 @@ class RetrievalModule(L.LightningModule):
     correspondences of the test split, scored as mAP@16 and mAP@10 next to the usual metrics. `cuda_graph_step`:
     each training step's forward and backward pass replayed as one recorded CUDA graph (`RecordedStep`), the
     optimiser and the schedule stepped by this module (Lightning's manual optimisation); stage 1 on one process,
-    fixed shapes, no clipping or accumulation (the config checks say so)."""
+    fixed shapes, no clipping or accumulation (the config checks say so). `overlap_batch_copy`: batches copied onto a
+    GPU on a side stream (`SideStreamCopy`), overlapping the step before; on a CPU there is nothing to copy."""
 
     def __init__(self, model: RetrievalModel, optimisation: OptimisationSettings, positive_weighting: str = "pair",
                  teachers: Sequence[Teacher] = (), loss_weight: float = 1.0, distill_weight: float = 0.0,
-                 multi_match: MultiMatch | None = None, cuda_graph_step: bool = False):
+                 multi_match: MultiMatch | None = None, cuda_graph_step: bool = False,
+                 overlap_batch_copy: bool = False):
         super().__init__()
         self.automatic_optimization = not cuda_graph_step
         self.recorded_step = None
@@ -87,6 +89,7 @@ class RetrievalModule(L.LightningModule):
         self.test_prefix = "test"  # the metrics' prefix of the next test run (e.g. test_best for a second one)
         self._evaluation: list[dict[str, torch.Tensor]] = []
         self._evaluation_shape = (0, 0)  # the most clips and captions an evaluation batch has held
+        self._side_stream_copy = SideStreamCopy() if overlap_batch_copy else None
 
     def parameter_groups(self) -> list[dict]:
         """One AdamW group per component, each with its own peak learning rate; frozen parts left out."""
@@ -127,6 +130,11 @@ class RetrievalModule(L.LightningModule):
         batch["real_windows"] = self.model.audio_encoder.real_window_count(batch["audio"].shape[1],
                                                                             batch["audio_length"])
         return batch
+
+    def transfer_batch_to_device(self, batch: dict, device: torch.device, dataloader_idx: int) -> dict:
+        if self._side_stream_copy is not None:
+            return self._side_stream_copy(batch, device)
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def training_step(self, batch: dict, batch_index: int) -> torch.Tensor:
         if self.recorded_step is not None:

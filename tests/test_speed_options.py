@@ -14,6 +14,7 @@ from experiments.retrieval_module import RetrievalModule
 from experiments.tracking import LatestOnHost, Throughput
 from models.losses import multi_positive_contrastive_loss
 from tests.test_experiment import run_demo
+from utils.devices import SideStreamCopy
 
 
 def demo_model(data_dir, **updates):
@@ -322,6 +323,61 @@ def test_the_bar_shows_the_newest_loss_that_reached_the_host_without_waiting_for
 def test_on_a_cpu_the_bar_shows_the_current_loss():
     latest = LatestOnHost()
     assert [latest(torch.tensor(value)) for value in (3.0, 2.0)] == [3.0, 2.0]
+
+
+class StreamLog:
+    """CUDA streams on the CPU: each stream made, entered, waited for and recorded is written to `events`."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch):
+        self.events: list[tuple] = []
+        self.current = "compute"
+        log = self
+
+        class Stream:
+            def __init__(self, device=None):
+                self.name = "side"
+                log.events.append(("made", device))
+
+            def wait_stream(self, other):
+                log.events.append(("wait", self.name, other.name))
+
+        compute = Stream()
+        compute.name = "compute"
+        self.events.clear()
+
+        @contextlib.contextmanager
+        def entered(stream):
+            log.current = stream.name
+            yield
+            log.current = "compute"
+
+        move = torch.Tensor.to
+
+        def to(tensor, device, non_blocking=False):
+            log.events.append(("copy", tuple(tensor.shape), log.current, non_blocking))
+            return move(tensor, "meta")  # a new tensor, as a copy to the GPU makes
+
+        monkeypatch.setattr(torch.cuda, "Stream", Stream)
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: compute)
+        monkeypatch.setattr(torch.cuda, "stream", entered)
+        monkeypatch.setattr(torch.Tensor, "to", to)
+        monkeypatch.setattr(torch.Tensor, "record_stream",
+                            lambda tensor, stream: log.events.append(("used on", tuple(tensor.shape), stream.name)))
+
+
+def test_a_batch_copied_on_a_side_stream_is_waited_for_and_kept_for_the_compute_stream(monkeypatch):
+    """The copy runs on the side stream without waiting (so it overlaps the step before); the compute stream waits for
+    it before its next work; and the allocator is told that the compute stream uses the copies, or it could hand their
+    memory to the next batch's copy while this step still reads them. Captions stay as they are."""
+    log = StreamLog(monkeypatch)
+    batch = {"audio": torch.zeros(2, 8), "audio_length": torch.tensor([8, 5]), "caption": ["a dog", "rain"]}
+    copy_aside = SideStreamCopy()
+    for _ in range(2):
+        moved = copy_aside(batch, torch.device("cuda"))
+        assert moved["caption"] is batch["caption"] and moved["audio"].is_meta and moved["audio_length"].is_meta
+    each_batch = [("copy", (2, 8), "side", True), ("copy", (2,), "side", True), ("wait", "compute", "side"),
+                  ("used on", (2, 8), "compute"), ("used on", (2,), "compute")]
+    assert log.events == [("made", torch.device("cuda")), *each_batch, *each_batch]  # one side stream for the run
 
 
 @pytest.mark.parametrize("fused, reads", [(False, 3), (True, 0)])

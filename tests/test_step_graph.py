@@ -15,6 +15,7 @@ from experiments.retrieval_module import recorded_step_inputs, recorded_step_los
 from tests.graph_stand_in import CpuGraph
 from tests.test_experiment import run_demo
 from tests.test_speed_options import HostTensors, demo_model
+from utils.devices import SideStreamCopy
 from utils.step_graph import RecordedStep
 
 PUBLISHED_PATCHOUT = {"s_patchout_t": 15, "s_patchout_f": 2}  # the demo's is off
@@ -37,7 +38,8 @@ def test_a_recorded_step_trains_as_lightnings_own_loop(data_dir, tmp_path, monke
     runs it (each step through the step's tensors), and with the step recorded and replayed through `CpuGraph`
     (Lightning's optimiser wrapper then steps on the recorded gradients, which Lightning's release of gradients before
     each validation used to replace: on a GPU the run stopped after it). Also under what fast_gpu trains
-    with on a GPU, Lightning's bf16 autocast and fused AdamW (which the CPU has too)."""
+    with on a GPU, Lightning's bf16 autocast and fused AdamW (which the CPU has too). The replayed run also takes every
+    batch through `overlap_batch_copy`'s copy (on a CPU a plain move)."""
     monkeypatch.setattr(experiments.retrieval_module, "adamw_implementation", lambda on_gpu, clips_gradients: adamw)
     settings = dict(FIXED_SHAPES, max_epochs=2, data_loader__batch_size=4, log_every_n_steps=1,
                     audio_features__aggregate="TAP", precision=precision,
@@ -55,8 +57,13 @@ def test_a_recorded_step_trains_as_lightnings_own_loop(data_dir, tmp_path, monke
     assert len(set(automatic["train/loss"])) == len(automatic["train/loss"])  # each step saw its own batch
     assert logged_run(cuda_graph_step=True) == automatic  # to the last digit logged: the same computation, in order
     request.getfixturevalue("cpu_graphs")  # from here on steps record and replay
-    assert logged_run(cuda_graph_step=True) == automatic
+    copied, copy_aside = [], SideStreamCopy.__call__
+    monkeypatch.setattr(SideStreamCopy, "__call__", lambda self, batch, device: copied.append(sorted(batch))
+                        or copy_aside(self, batch, device))
+    assert logged_run(cuda_graph_step=True, overlap_batch_copy=True) == automatic  # every batch through the copy
     assert CpuGraph.made == 1 and CpuGraph.step.steps == len(automatic["train/loss"])
+    assert sum("caption" in keys for keys in copied) == CpuGraph.step.steps
+    assert sum("captions" in keys for keys in copied) >= 2  # validation's batches too
 
 
 class Linear(torch.nn.Module):

@@ -1,4 +1,4 @@
-"""What a GPU offers the run's settings, and host tensors onto the device without making the host wait."""
+"""What a GPU offers the run's settings, and host tensors onto the device without making the host or the GPU wait."""
 from __future__ import annotations
 
 import torch
@@ -25,3 +25,28 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cuda":
         tensor = tensor.pin_memory()
     return tensor.to(device, non_blocking=True)
+
+
+class SideStreamCopy:
+    """Moves a batch (a dict; its tensors on the host, pinned) onto a GPU on a stream of its own. On the compute stream
+    the copy of the next batch queues behind the step still running there (run 5's trace, H200: 61 MB of audio, 1.0 ms
+    of a 36.7 ms recorded step); on a side stream it runs while that step does, whenever the host is ahead of the GPU.
+    The compute stream waits for the copy before its next work, and each copied tensor is marked as used there, so the
+    allocator does not hand its memory to the side stream again before that work is done."""
+
+    def __init__(self):
+        self._stream: torch.cuda.Stream | None = None
+
+    def __call__(self, batch: dict, device: torch.device) -> dict:
+        if device.type != "cuda":  # a CPU run: nothing to copy beside the step
+            return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+        self._stream = self._stream or torch.cuda.Stream(device)
+        compute = torch.cuda.current_stream(device)
+        with torch.cuda.stream(self._stream):
+            moved = {key: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+                     for key, value in batch.items()}
+        compute.wait_stream(self._stream)
+        for value in moved.values():
+            if isinstance(value, torch.Tensor):
+                value.record_stream(compute)
+        return moved
