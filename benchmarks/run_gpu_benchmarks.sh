@@ -4,8 +4,9 @@
 # the whole step recorded as one CUDA graph and each batch copied to the GPU beside it (`fast_gpu cuda_graph_step=True
 # compile_mode=default overlap_batch_copy=True`; on a fresh machine the HDF5 cache is written first and every kernel
 # compiled; run 5: 226 s on an H200), then the recorded step alone, whose row says whether its replays draw patchout
-# afresh (`replays_draw_afresh`), then, where at least 4 minutes are left, the same fit with the copy in line on the
-# compute stream (what `overlap_batch_copy` buys, on the same machine); each fit with 10 steps of one more
+# afresh (`replays_draw_afresh`), then, where at least 170 s are left, the same fit with the copy in line on the
+# compute stream (what `overlap_batch_copy` buys, on the same machine; the data set, its cache and the compiled kernels
+# are there by then: run 5's warm rerun took 136 s); each fit with 10 steps of one more
 # epoch profiled (does the real loop wait for the GPU, or the GPU for the host and the loader?), the run's output in
 # fit_run_*.log as it comes, so a fit stopped by its limit shows how far it got. STEP=1 runs instead the model step
 # alone (at most 9.1 minutes): the CUDA-graph step, the recorded step (with `replays_draw_afresh`) and its profile, then
@@ -64,7 +65,7 @@ else  # the data set and its cache first
         --log-file "$out/fit_run_recorded_step.log" "${graph_step[@]}" overlap_batch_copy=True "${cached[@]}"
     timeout 220 "${step[@]}" --levers recorded_step
     left=$((545 - SECONDS))
-    if [ "$left" -ge 240 ]; then
+    if [ "$left" -ge 170 ]; then
         timeout "$left" "${fit[@]}" --profile-steps 10 --profile-file "$out/fit_profile_copy_in_line.txt" \
             --log-file "$out/fit_run_copy_in_line.log" "${graph_step[@]}" "${cached[@]}"
     else
