@@ -20,8 +20,9 @@
 # that, a command of its own (at most 9.7 minutes): does `fast_gpu` learn as the published settings (fp16 autocast,
 # eager) do, on the TAP demo of a data set it was never tuned on, seed by seed (benchmarks/bench_learning.py; on a CPU
 # only its levers without CUDA graphs could run); LEARNING=graph_step asks the same of `fast_gpu` with the whole step as
-# one CUDA graph and each batch copied beside it (a copy the step did not wait for would train on half-copied audio). REAL_SIZE=1 runs instead the end-to-end fit on a data set of Clotho's sizes (3,839 / 1,045 / 1,045
-# clips; at most 9.5 minutes). Each part has its own time limit, so a slow part cannot take the others' figures with it.
+# one CUDA graph and each batch copied beside it (a copy the step did not wait for would train on half-copied audio).
+# REAL_SIZE=1 runs instead the end-to-end fit on a data set of Clotho's sizes (3,839 / 1,045 / 1,045 clips; at most 9.5
+# minutes). Each part has its own time limit, so a slow part cannot take the others' figures with it.
 # COMPILE_CACHE=FILE hands every compiled fit `compile_cache=FILE`: read first if it exists (what an earlier machine
 # compiled), then rewritten.
 set -u

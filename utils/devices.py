@@ -39,14 +39,18 @@ class SideStreamCopy:
 
     def __call__(self, batch: dict, device: torch.device) -> dict:
         if device.type != "cuda":  # a CPU run: nothing to copy beside the step
-            return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+            return _tensors_moved(batch, device)
         self._stream = self._stream or torch.cuda.Stream(device)
         compute = torch.cuda.current_stream(device)
         with torch.cuda.stream(self._stream):
-            moved = {key: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
-                     for key, value in batch.items()}
+            moved = _tensors_moved(batch, device)
         compute.wait_stream(self._stream)
         for value in moved.values():
             if isinstance(value, torch.Tensor):
                 value.record_stream(compute)
         return moved
+
+
+def _tensors_moved(batch: dict, device: torch.device) -> dict:
+    return {key: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+            for key, value in batch.items()}
