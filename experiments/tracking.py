@@ -23,6 +23,7 @@ from sacred.utils import SacredInterrupt
 from torch.profiler import ProfilerActivity, profile
 
 from experiments.checkpointing import CHECKPOINT_SECONDS, last_checkpoint
+from utils.devices import start_host_copy
 from utils.distributed import is_rank_zero
 from utils.files import replaced_atomically
 from utils.paths import default_data_dir
@@ -155,18 +156,6 @@ class SacredMetrics(L.Callback):
 
     def on_test_end(self, trainer, module) -> None:
         self._log_prefixed(trainer, f"{module.test_prefix}/")
-
-
-def start_host_copy(tensor: torch.Tensor) -> tuple[torch.Tensor, Callable[[], bool]]:
-    """A copy of `tensor` on the host, and whether it has arrived: from a GPU into pinned memory, queued behind the
-    work that computes it, so the host does not wait."""
-    if tensor.device.type != "cuda":
-        return tensor.detach().to("cpu", copy=True), lambda: True
-    copy = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-    copy.copy_(tensor.detach(), non_blocking=True)
-    arrived = torch.cuda.Event()
-    arrived.record(torch.cuda.current_stream(tensor.device))
-    return copy, arrived.query
 
 
 class LatestOnHost:

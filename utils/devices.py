@@ -1,5 +1,8 @@
-"""What a GPU offers the run's settings, and host tensors onto the device without making the host or the GPU wait."""
+"""What a GPU offers the run's settings, and tensors between host and device without making the host or the GPU
+wait."""
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -54,3 +57,15 @@ class SideStreamCopy:
 def _tensors_moved(batch: dict, device: torch.device) -> dict:
     return {key: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
             for key, value in batch.items()}
+
+
+def start_host_copy(tensor: torch.Tensor) -> tuple[torch.Tensor, Callable[[], bool]]:
+    """A copy of `tensor` on the host, and whether it has arrived: from a GPU into pinned memory, queued behind the
+    work that computes it, so the host does not wait."""
+    if tensor.device.type != "cuda":
+        return tensor.detach().to("cpu", copy=True), lambda: True
+    copy = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    copy.copy_(tensor.detach(), non_blocking=True)
+    arrived = torch.cuda.Event()
+    arrived.record(torch.cuda.current_stream(tensor.device))
+    return copy, arrived.query
