@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -172,36 +173,49 @@ def result_of(completed: subprocess.CompletedProcess) -> dict:
     return ast.literal_eval(line.split("Result: ", 1)[1])
 
 
-def test_two_process_demo_is_one_run_and_tests_a_checkpoint_like_one_process(tmp_path):
-    generate_demo_dataset(tmp_path / "clotho_demo", {"development": 6, "validation": 3, "evaluation": 5}, seed=1)
-    common = ["with", "demo", f"directories.data_dir={tmp_path}", "data_loader.n_workers=0", "accelerator=cpu"]
-    trained = run_cli("-F", str(tmp_path / "sacred"), *common, "devices=2", "strategy=ddp", "max_epochs=2",
-                      "data_loader.batch_size=4", "log_every_n_steps=1")
-    (run_folder,) = (tmp_path / "runs").iterdir()  # one run folder, written by rank 0
-    (record,) = [path for path in (tmp_path / "sacred").iterdir() if path.name != "_sources"]  # one Sacred run
+def two_process_demo(data_dir: Path, sacred: Path, compiled: bool) -> subprocess.CompletedProcess:
+    """Two epochs of the demo on two `gloo` processes; `compiled` also writes checkpoints in the background, as
+    `fast_gpu` does."""
+    return run_cli("-F", str(sacred), "with", "demo", f"directories.data_dir={data_dir}", "data_loader.n_workers=0",
+                   "accelerator=cpu", "devices=2", "strategy=ddp", "max_epochs=2", "data_loader.batch_size=4",
+                   "log_every_n_steps=1", "seed=3", f"compile={compiled}", f"background_checkpoints={compiled}")
+
+
+@pytest.fixture(scope="module")
+def eager_two_process_run(tmp_path_factory) -> SimpleNamespace:
+    """One eager two-process run, shared by the tests below (it is the slow part of each): its data folder, Sacred
+    folder, output and the run folders that exist right after it."""
+    data_dir = tmp_path_factory.mktemp("two_processes")
+    generate_demo_dataset(data_dir / "clotho_demo", {"development": 6, "validation": 3, "evaluation": 5}, seed=1)
+    sacred = data_dir / "sacred_eager"
+    completed = two_process_demo(data_dir, sacred, compiled=False)
+    return SimpleNamespace(data_dir=data_dir, sacred=sacred, completed=completed,
+                           run_folders=list((data_dir / "runs").iterdir()))
+
+
+def test_two_process_demo_is_one_run_and_tests_a_checkpoint_like_one_process(eager_two_process_run):
+    run = eager_two_process_run
+    (run_folder,) = run.run_folders  # one run folder, written by rank 0
+    (record,) = [path for path in run.sacred.iterdir() if path.name != "_sources"]  # one Sacred run
     assert json.loads((record / "run.json").read_text())["status"] == "COMPLETED"
-    assert set(result_of(trained)) == RESULT_KEYS
+    assert set(result_of(run.completed)) == RESULT_KEYS
     checkpoint = run_folder / "checkpoints" / "last.ckpt"
+    common = ["with", "demo", f"directories.data_dir={run.data_dir}", "data_loader.n_workers=0", "accelerator=cpu"]
     alone, together = (result_of(run_cli("cmd_test_on_clothov2", *common, f"load_model={checkpoint}",
                                          f"devices={devices}", "data_loader.batch_size_eval=2"))
                        for devices in (1, 2))
     assert alone == together  # 5 test clips: the sampler repeats one on the second rank, counted once
 
 
-def test_compiled_encoders_under_ddp_train_as_eager_ones(tmp_path):
+def test_compiled_encoders_under_ddp_train_as_eager_ones(eager_two_process_run):
     """DDP hands compiled modules to its graph-splitting optimiser (one graph per gradient bucket); the two processes
     must still train what eager ones train. On a GPU `fast_gpu` adds CUDA graphs, which a CPU cannot replay. The
     compiled run also writes its checkpoints in the background, as `fast_gpu` does (rank 0 writes; the test split
     scores the weights read back from the file)."""
-    generate_demo_dataset(tmp_path / "clotho_demo", {"development": 6, "validation": 3, "evaluation": 5}, seed=1)
-    metrics = {}
-    for compiled in (False, True):
-        sacred = tmp_path / f"sacred_compile_{compiled}"
-        run_cli("-F", str(sacred), "with", "demo", f"directories.data_dir={tmp_path}", "data_loader.n_workers=0",
-                "accelerator=cpu", "devices=2", "strategy=ddp", "max_epochs=2", "data_loader.batch_size=4",
-                "log_every_n_steps=1", "seed=3", f"compile={compiled}", f"background_checkpoints={compiled}")
-        metrics[compiled] = json.loads((sacred / "1" / "metrics.json").read_text())
-    eager, compiled = metrics[False], metrics[True]
+    run = eager_two_process_run
+    sacred = run.data_dir / "sacred_compiled"
+    two_process_demo(run.data_dir, sacred, compiled=True)
+    eager, compiled = (json.loads((folder / "1" / "metrics.json").read_text()) for folder in (run.sacred, sacred))
     first_epoch, second_epoch = eager["train/loss"]["values"]  # one per epoch
     assert abs(first_epoch - second_epoch) > 1e-3  # training moved the weights, so later losses test the updates too
     assert compiled["train/loss"]["values"] == pytest.approx(eager["train/loss"]["values"], rel=1e-4)
