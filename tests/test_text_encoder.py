@@ -31,8 +31,12 @@ def test_resolution_prefers_local_directories(data_dir):
     assert resolve_text_model(str(local)) == str(local)
     assert resolve_text_model("clotho_demo/roberta-tiny", data_dir) == str(local)
     assert resolve_text_model("roberta-large", data_dir) == "roberta-large"
-    with pytest.raises(ValueError, match="'robbie' is unknown: choose one of roberta-base, roberta-large"):
+    with pytest.raises(ValueError, match="'robbie' is unknown: choose one of roberta-base, roberta-large") as error:
         resolve_text_model("robbie", data_dir)
+    assert str(error.value).endswith(f"directories.data_dir={data_dir}")
+    wrong_data_dir = data_dir / "absent"  # the demo's model is missed because the data folder is wrong
+    with pytest.raises(ValueError, match=f"relative to directories.data_dir={wrong_data_dir} .that folder does not "):
+        resolve_text_model("clotho_demo/roberta-tiny", wrong_data_dir)
 
 
 def test_first_token_embedding_and_truncation(data_dir):

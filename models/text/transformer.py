@@ -50,9 +50,11 @@ def resolve_text_model(name: str, data_dir: str | os.PathLike | None = None) -> 
             return str(candidate)
     if name in KNOWN_TEXT_MODELS:
         return name
+    # A model inside the data folder (the demo's) is most often missed because the data folder itself is wrong.
+    no_data_dir = " (that folder does not exist)" if data_dir and not Path(data_dir).expanduser().is_dir() else ""
     raise ValueError(f"sentence_features.model={name!r} is unknown: choose one of {', '.join(KNOWN_TEXT_MODELS)}, "
                      f"or a directory holding a transformers model (config.json), absolute or relative to "
-                     f"directories.data_dir={data_dir}")
+                     f"directories.data_dir={data_dir}{no_data_dir}")
 
 
 def text_model_available(model_path: str) -> bool:
