@@ -6,6 +6,7 @@ added without its type, range and allowed values. All problems are reported at o
 """
 from __future__ import annotations
 
+from difflib import get_close_matches
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
@@ -190,10 +191,29 @@ class Stage1Config(Section):
         return value
 
 
+def setting_names(section: type[BaseModel] = Stage1Config, prefix: str = "") -> list[str]:
+    """Every dotted key of the config, as users write it (aliases such as `model_config`)."""
+    names = []
+    for name, field in section.model_fields.items():
+        key = prefix + (field.alias or name)
+        is_section = isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+        names += setting_names(field.annotation, key + ".") if is_section else [key]
+    return names
+
+
+def unknown_key_line(key: str) -> str:
+    """`key: unknown key (...)`, naming the setting it most likely means: a nested one written without its section
+    (`batch_size`), or a close spelling."""
+    names = setting_names()
+    likely = [name for name in names if name.endswith("." + key)] or get_close_matches(key, names, n=1, cutoff=0.8)
+    return f"{key}: unknown key (not a setting of this experiment; " + (
+        f"did you mean {likely[0]}?)" if likely else "check the spelling)")
+
+
 def problem_line(error: dict) -> str:
     key = ".".join(map(str, error["loc"]))  # pydantic reports aliases, so `model_config` stays as users write it
     if error["type"] == "extra_forbidden":
-        return f"{key}: unknown key (not a setting of this experiment; check the spelling)"
+        return unknown_key_line(key)
     if error["type"] == "missing":
         return f"{key}: missing"
     if error["type"] == "literal_error":

@@ -23,7 +23,8 @@ from data_loaders.clotho_v2 import SPLITS, captions_csv, clotho_v2, load_multi_m
 from data_loaders.data_loader import data_loader, get_data_loader, get_dataset
 from data_loaders.stored_embeddings import (EmbeddingSource, embed_training_set, load_stored_embeddings,
                                             write_embeddings)
-from experiments.config_schema import LEARNING_RATE_KEYS, TEST_WEIGHTS, validate_config
+from experiments.config_schema import (LEARNING_RATE_KEYS, TEST_WEIGHTS, setting_names, unknown_key_line,
+                                       validate_config)
 from experiments.retrieval_module import OptimisationSettings, RetrievalModule
 from experiments.checkpointing import (BackgroundCheckpointIO, BestCheckpoint, CompileCacheCheckpoint, FileCheckpointIO,
                                        LastEpochCheckpoint, last_checkpoint)
@@ -60,6 +61,16 @@ PROGRESS_BAR_REFRESH_STEPS = 10
 @ex.option_hook
 def observers_from_options(options: dict) -> None:
     prepare_observer_options(ex, options)
+
+
+@ex.config_hook
+def name_unknown_settings(config: dict, command_name: str, logger) -> dict:
+    """Sacred refuses a top-level key that no function captures before the schema can name the setting it was meant
+    to be; this says so first (nested unknown keys reach the schema, whose error names them)."""
+    known = {name.split(".")[0] for name in setting_names()} | set(COMMAND_OPTIONS)
+    for key in sorted(set(config) - known):
+        logger.warning(unknown_key_line(key))
+    return {}
 
 
 @ex.config

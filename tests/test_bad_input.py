@@ -169,6 +169,29 @@ def test_schema_covers_every_key_of_the_config():
         validate_config({**config, "clotho_v2": {**config["clotho_v2"], "new_setting": 1}})
 
 
+@pytest.mark.parametrize("key, likely", [("max_epoch", "max_epochs"), ("batch_size", "data_loader.batch_size"),
+                                         ("clotho_v2.folder_nam", "clotho_v2.folder_name"),
+                                         ("audio_features.model_config.freq_m", "audio_features.model_config.freqm")])
+def test_an_unknown_key_names_the_setting_it_likely_means(key, likely):
+    from experiments.config_schema import unknown_key_line
+
+    assert unknown_key_line(key) == f"{key}: unknown key (not a setting of this experiment; did you mean {likely}?)"
+    assert unknown_key_line("new_setting").endswith("; check the spelling)")
+
+
+def test_a_misspelt_top_level_key_is_named_before_sacred_refuses_it(data_dir, caplog):
+    # Sacred stops at a top-level key no function captures, before the schema's check; the hint comes first.
+    from sacred.utils import ConfigAddedError
+
+    from experiments.ex_dcase24 import ex
+
+    updates = {"directories": {"data_dir": str(data_dir)}, "max_epoch": 3, "load_model": "x.ckpt"}
+    with pytest.raises(ConfigAddedError, match="max_epoch"), caplog.at_level("WARNING"):
+        ex.run(named_configs=["demo"], config_updates=updates)
+    hints = [record.getMessage() for record in caplog.records if "unknown key" in record.getMessage()]
+    assert hints == ["max_epoch: unknown key (not a setting of this experiment; did you mean max_epochs?)"]
+
+
 @pytest.mark.parametrize("key", ["load_parameters", "resume_training"])
 def test_a_file_that_is_not_a_checkpoint_is_named(data_dir, key):
     text = data_dir / "notes.ckpt"
