@@ -24,6 +24,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from data_loaders.clotho_v2 import PHI4_CAPTIONS_FILE, SPLITS
+from utils.cli import DefaultsHelpFormatter
 from utils.paths import default_data_dir
 
 DEFAULT_BASE_URL = "https://zenodo.org/records/4783391/files"
@@ -124,7 +125,7 @@ def extract_split(archive: Path, folder: Path, split: str) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--data-dir", type=Path, default=Path(default_data_dir()), help="directories.data_dir")
     parser.add_argument("--folder-name", default="clotho_v2", help="clotho_v2.folder_name")
     parser.add_argument("--with-phi4-captions", action="store_true",

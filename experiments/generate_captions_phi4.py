@@ -29,7 +29,7 @@ import ollama
 from tqdm import tqdm
 
 from data_loaders.clotho_v2 import PHI4_CAPTIONS_FILE, ClipCaptions, read_captions, read_metadata
-from utils.cli import bounded
+from utils.cli import DefaultsHelpFormatter, bounded
 from utils.paths import default_data_dir
 
 GENERATED_PER_CLIP = 5
@@ -156,7 +156,7 @@ def write_output(path: Path, clips: list[ClipCaptions], generated: dict[str, lis
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=DefaultsHelpFormatter)
     default_folder = Path(default_data_dir()) / "clotho_v2"
     parser.add_argument("--captions", type=Path, default=default_folder / "clotho_captions_development.csv",
                         help="Clotho development captions CSV")
@@ -166,17 +166,18 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--progress", type=Path, help="progress file (default: the output path + .progress.jsonl)")
     parser.add_argument("--host", default=os.environ.get("OLLAMA_HOST") or "http://127.0.0.1:11434",
                         help="Ollama server (OLLAMA_HOST)")
-    parser.add_argument("--model", default="phi4")
-    parser.add_argument("--temperature", type=bounded(float, 0), default=0.8)
-    parser.add_argument("--seed", type=int, default=None, help="generation seed (Ollama option)")
-    parser.add_argument("--max-words", type=bounded(int, 1), default=20)
+    parser.add_argument("--model", default="phi4", help="Ollama model")
+    parser.add_argument("--temperature", type=bounded(float, 0), default=0.8, help="sampling temperature")
+    parser.add_argument("--seed", type=int, help="generation seed, an Ollama option (default: none sent)")
+    parser.add_argument("--max-words", type=bounded(int, 1), default=20,
+                        help="words per caption at most; longer answers are asked again")
     parser.add_argument("--concurrency", type=bounded(int, 1), default=4, help="requests in flight")
     parser.add_argument("--retries", type=bounded(int, 0), default=4, help="extra attempts per clip")
     parser.add_argument("--timeout", type=bounded(float, 0, inclusive=False), default=300.0,
                         help="seconds per request")
     parser.add_argument("--backoff", type=bounded(float, 0), default=1.0,
                         help="first back-off in seconds, doubled per retry")
-    parser.add_argument("--limit", type=bounded(int, 1), help="only the first N clips (a trial)")
+    parser.add_argument("--limit", type=bounded(int, 1), help="only the first N clips, a trial (default: all)")
     args = parser.parse_args(argv)
     args.metadata = args.metadata or args.captions.with_name("clotho_metadata_development.csv")
     args.output = args.output or args.captions.with_name(PHI4_CAPTIONS_FILE)

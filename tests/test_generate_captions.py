@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from data_loaders.clotho_v2 import read_augmented_captions, read_captions
-from experiments.generate_captions_phi4 import InvalidAnswer, main, parse_answer
+from experiments.generate_captions_phi4 import InvalidAnswer, main, parse_answer, parse_arguments
 from tests.conftest import SHARED
 from tests.ollama_server import ScriptedOllama, good_answer
 
@@ -48,6 +48,16 @@ def test_parse_answer():
 def read_rows(path: Path) -> list[list[str]]:
     with open(path, newline="", encoding="utf-8") as handle:
         return list(csv.reader(handle))
+
+
+def test_help_states_each_default_once(capsys):
+    # Defaults worked out from another option are None to argparse; their help says what they are instead.
+    with pytest.raises(SystemExit):
+        parse_arguments(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in help_text
+    assert "metadata CSV (default: clotho_metadata_development.csv beside --captions) --output" in help_text
+    assert "Ollama model (default: phi4)" in help_text and "requests in flight (default: 4)" in help_text
 
 
 def test_every_kind_of_answer_and_failure(clotho_csvs, tmp_path, capsys):

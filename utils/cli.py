@@ -1,4 +1,5 @@
-"""argparse types that reject bad numbers with the flag, the value and what is allowed (argparse adds the flag)."""
+"""argparse types that reject bad numbers with the flag, the value and what is allowed (argparse adds the flag), and
+a help formatter that states each default once."""
 from __future__ import annotations
 
 import argparse
@@ -20,3 +21,11 @@ def bounded(kind: type, minimum: float, inclusive: bool = True) -> Callable[[str
         return value
     parse.__name__ = f"{kind.__name__} {relation} {minimum:g}"
     return parse
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends each option's default to its help, unless the help states it: a default worked out from other options
+    is None to argparse, and "(default: None)" after "(default: ... beside --captions)" would contradict it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        return action.help if "(default:" in (action.help or "") else super()._get_help_string(action)
