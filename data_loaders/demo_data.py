@@ -26,6 +26,7 @@ import numpy as np
 import soundfile
 
 from data_loaders.clotho_v2 import PHI4_CAPTIONS_FILE
+from utils.cli import bounded
 from utils.paths import default_data_dir
 
 SOURCE_RATE = 44100
@@ -269,6 +270,9 @@ def generate_demo_dataset(folder: Path, splits: dict[str, int] | None = None, se
     """Write the dataset into `folder` (built in a temporary sibling, renamed into place when complete)."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r} is not one of {', '.join(LAYOUTS)}")
+    empty = [split for split, clips in (splits or {}).items() if clips < 1]
+    if empty:
+        raise ValueError(f"splits={splits}: {', '.join(empty)} would hold no clip (at least 1 each)")
     folder = Path(folder)
     if folder.exists():
         raise FileExistsError(f"{folder} already exists; remove it to generate the demo dataset again")
@@ -292,7 +296,7 @@ def main() -> None:
     parser.add_argument("--folder-name", default="clotho_demo", help="clotho_v2.folder_name (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--layout", choices=LAYOUTS, default="mixed", help="mixed (the demo) or ordered events")
-    parser.add_argument("--clips", type=int, nargs=3, metavar=("DEV", "VAL", "EVAL"),
+    parser.add_argument("--clips", type=bounded(int, 1), nargs=3, metavar=("DEV", "VAL", "EVAL"),
                         help=f"clips per split (default: {' '.join(map(str, DEMO_SPLITS.values()))})")
     parser.add_argument("--if-missing", action="store_true", help="do nothing if the folder already exists")
     args = parser.parse_args()

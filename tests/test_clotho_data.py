@@ -150,3 +150,11 @@ def test_a_generated_data_set_is_the_same_for_the_same_seed_text_model_included(
     assert again == first
     other = contents(generate_demo_dataset(tmp_path / "other", TINY_SPLITS, seed=4))
     assert other["roberta-tiny/model.safetensors"] != first["roberta-tiny/model.safetensors"]
+
+
+def test_a_split_without_clips_is_refused_before_anything_is_written(tmp_path):
+    from data_loaders.demo_data import generate_demo_dataset
+
+    with pytest.raises(ValueError, match="validation would hold no clip"):
+        generate_demo_dataset(tmp_path / "demo", {"development": 2, "validation": 0, "evaluation": 1})
+    assert list(tmp_path.iterdir()) == []
