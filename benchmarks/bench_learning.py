@@ -22,13 +22,23 @@ import sys
 import time
 from pathlib import Path
 
-from data_loaders.demo_data import DEMO_SPLITS, TEXT_MODEL_FOLDER, generate_demo_dataset
+from data_loaders.demo_data import DEMO_SPLITS, LAYOUTS, TEXT_MODEL_FOLDER, generate_demo_dataset
+from models.pooling import AGGREGATIONS
 from utils.metrics import chance_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 PUBLISHED_TAP_KEYS = ["tap_hyperparams.p_dropout_weights=0.1", "tap_hyperparams.p_dropout_proj=0.1",
                       "audio_features.segment_length=5", "audio_features.hop_length=5"]
 SMALL_SPLITS = {"development": 160, "validation": 40, "evaluation": 40}
+
+
+def dataset_spec(text: str) -> str:
+    """A `type=` for argparse: `layout:seed`, checked before the first data set is written or run trains."""
+    layout, _, seed = text.partition(":")
+    if layout not in LAYOUTS or not seed.isdigit():
+        raise argparse.ArgumentTypeError(f"expected layout:seed, the layout {' or '.join(LAYOUTS)} and the seed an "
+                                         f"integer >= 0 (e.g. ordered:1), got {text!r}")
+    return text
 
 
 def dataset(data_dir: Path, spec: str) -> tuple[str, int]:
@@ -82,8 +92,9 @@ def variant_columns(label: str, spec: str, aggregate: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", type=Path, required=True)
-    parser.add_argument("--datasets", nargs="+", default=["mixed:0", "ordered:1"], help="layout:seed")
-    parser.add_argument("--aggregates", nargs="+", default=["mean", "TAP", "TAP_own_caption"])
+    parser.add_argument("--datasets", type=dataset_spec, nargs="+", default=["mixed:0", "ordered:1"],
+                        help="layout:seed")
+    parser.add_argument("--aggregates", nargs="+", choices=AGGREGATIONS, default=list(AGGREGATIONS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[409194, 1, 2])
     parser.add_argument("--set", nargs="*", default=[], dest="extra",
                         help="more config updates: key=value, or a named config (fast_gpu)")

@@ -14,7 +14,7 @@ import json
 import statistics
 from pathlib import Path
 
-from benchmarks.bench_learning import dataset, run_demo_on
+from benchmarks.bench_learning import dataset, dataset_spec, run_demo_on
 from utils.metrics import chance_metrics
 
 
@@ -35,7 +35,7 @@ def stage1_then_stage2(data_dir: Path, folder: str, seed: int, extra: list[str])
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", type=Path, required=True)
-    parser.add_argument("--datasets", nargs="+", default=["mixed:0"], help="layout:seed")
+    parser.add_argument("--datasets", type=dataset_spec, nargs="+", default=["mixed:0"], help="layout:seed")
     parser.add_argument("--seeds", type=int, nargs="+", default=[409194, 1, 2])
     parser.add_argument("--set", nargs="*", default=[], dest="extra", help="further key=value settings (both stages)")
     args = parser.parse_args()

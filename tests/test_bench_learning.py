@@ -1,6 +1,8 @@
+import argparse
+
 import pytest
 
-from benchmarks.bench_learning import paired_differences
+from benchmarks.bench_learning import dataset_spec, paired_differences
 
 
 def row(label: str, dataset: str, aggregate: str, seed: int, map_at_10: float) -> dict:
@@ -18,3 +20,10 @@ def test_variants_are_compared_with_the_reference_within_each_seed():
     assert differences.keys() == {("fast", "ordered:1", "mean"), ("fast", "mixed:0", "mean")}
     assert differences[("fast", "ordered:1", "mean")] == pytest.approx([-0.02, 0.03])  # seed 2's, then seed 1's
     assert differences[("fast", "mixed:0", "mean")] == pytest.approx([-0.05])
+
+
+def test_a_data_set_is_named_layout_and_seed_before_anything_runs():
+    assert dataset_spec("ordered:1") == "ordered:1" and dataset_spec("mixed:0") == "mixed:0"
+    for wrong in ("weird:1", "mixed", "ordered:x", "ordered:-1"):
+        with pytest.raises(argparse.ArgumentTypeError, match=f"the layout mixed or ordered .*got '{wrong}'"):
+            dataset_spec(wrong)
