@@ -216,6 +216,21 @@ def test_fast_gpu_adds_levers_to_the_published_defaults():
     assert (published["background_checkpoints"], fast["background_checkpoints"]) == (False, True)
 
 
+def test_graph_step_after_fast_gpu_records_the_step_and_the_wrong_order_is_named():
+    from experiments.config_schema import ConfigError, validate_config
+
+    def config(*named: str) -> dict:
+        values = dict(ex.run("print_config", named_configs=list(named), options={"--loglevel": "ERROR"}).config)
+        return {**values, "directories": {"data_dir": "/tmp"}}
+
+    fast, graph = config("fast_gpu"), config("fast_gpu", "graph_step")
+    assert {key for key in fast if fast[key] != graph[key]} == {"cuda_graph_step", "compile_mode", "overlap_batch_copy"}
+    assert (graph["cuda_graph_step"], graph["compile_mode"], graph["overlap_batch_copy"]) == (True, "default", True)
+    validate_config(graph)  # every rule of the recorded step is met
+    with pytest.raises(ConfigError, match="compile_mode='reduce-overhead': needs 'default'"):
+        validate_config(config("graph_step", "fast_gpu"))  # fast_gpu's compile mode, set after, wins
+
+
 # Where a GPU makes the host wait: a value read back (`.item()`, `float()`, a tensor in an `if`), or a result whose
 # size depends on values (`nonzero`, indexing with a boolean mask).
 READ_BACKS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default}
