@@ -654,16 +654,26 @@ def plot_rates(names: list[str], rates: list[float], labels: list[str], title: s
     plt = pyplot()
     figure, axis = plt.subplots(figsize=(11, 0.6 * len(names) + 1.5))
     axis.barh(names[::-1], rates[::-1], color="tab:blue")
-    for position, (rate, label) in enumerate(zip(rates[::-1], labels[::-1])):
-        axis.text(rate, position, "  " + label, va="center", fontsize="small")
+    texts = [axis.text(rate, position, "  " + label, va="center", fontsize="small")
+             for position, (rate, label) in enumerate(zip(rates[::-1], labels[::-1]))]
     if target:
         axis.axvline(target, color="tab:red", linestyle="--")
         axis.text(target, len(names) - 0.45, f" target {target:g}/s", color="tab:red", fontsize="small")
-    axis.set_xlim(0, max(rates + [target or 0]) * 1.8)
     axis.set_ylim(-0.6, len(names) - 0.1)
     axis.set(xlabel="training samples (caption-clip pairs) per second", title=title)
+    axis.set_xlim(0, max(rates + [target or 0]) * 1.8)
     figure.tight_layout()
+    axis.set_xlim(0, axis_end_for_labels(figure, axis, rates[::-1], texts, minimum=max(rates + [target or 0]) * 1.1))
     save_figure(figure, output)
+
+
+def axis_end_for_labels(figure, axis, rates: list[float], texts: list, minimum: float) -> float:
+    """The x-axis end at which each bar's label, drawn right of its bar, fits inside the axes: a label of p pixels
+    on an axis of w pixels ending at x needs rate + p / w * x <= x (at most 90% of the axis for labels)."""
+    figure.canvas.draw()
+    axis_pixels = axis.get_window_extent().width
+    ends = [rate / (1 - min(0.9, text.get_window_extent().width / axis_pixels)) for rate, text in zip(rates, texts)]
+    return max([minimum] + ends) * 1.02
 
 
 def plot_levers(rows: list[dict], output: Path, target: float | None) -> None:

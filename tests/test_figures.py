@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from benchmarks.bench_stage1 import (bar_label, fit_label, fit_name, fit_rows, lever_rows, plot_fits,
-                                     plot_levers)
+from benchmarks.bench_stage1 import (axis_end_for_labels, bar_label, fit_label, fit_name, fit_rows, lever_rows,
+                                     plot_fits, plot_levers)
 from utils.figures import logged_curves, pyplot, save_figure, save_training_curves
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -62,6 +62,19 @@ def test_fit_chart_takes_the_fit_rows_of_several_files_named_by_their_source(tmp
     first.write_text(json.dumps({"command": "step", "lever": "published", "samples_per_second": 70.0}) + "\n")
     with pytest.raises(SystemExit, match="fit.jsonl: no fit rows"):
         fit_rows([first])
+
+
+def test_each_bars_label_ends_inside_the_axes():
+    figure, axis = pyplot().subplots(figsize=(11, 3))
+    rates = [436.5, 72.7, 344.8]
+    texts = [axis.text(rate, position, "  436.5/s, 15.1 GiB reserved, 20 epochs 20.8 min", fontsize="small")
+             for position, rate in enumerate(rates)]
+    axis.set_xlim(0, axis_end_for_labels(figure, axis, rates, texts, minimum=480))
+    figure.canvas.draw()
+    axes_right = axis.get_window_extent().x1
+    assert all(text.get_window_extent().x1 <= axes_right for text in texts)
+    assert axis.get_xlim()[1] > 480  # the labels needed more room than the bars
+    pyplot().close(figure)
 
 
 def test_training_curves_come_from_lightnings_csv_log(tmp_path):
