@@ -661,7 +661,7 @@ def plot_rates(names: list[str], rates: list[float], labels: list[str], title: s
         axis.text(target, len(names) - 0.45, f" target {target:g}/s", color="tab:red", fontsize="small")
     axis.set_ylim(-0.6, len(names) - 0.1)
     axis.set(xlabel="training samples (caption-clip pairs) per second", title=title)
-    axis.set_xlim(0, max(rates + [target or 0]) * 1.8)
+    axis.set_xlim(0, max(rates + [target or 0]) * 1.8)  # room for the labels while the layout is made, then exact
     figure.tight_layout()
     axis.set_xlim(0, axis_end_for_labels(figure, axis, rates[::-1], texts, minimum=max(rates + [target or 0]) * 1.1))
     save_figure(figure, output)
