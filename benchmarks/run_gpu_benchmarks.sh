@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU figures of benchmarks/RESULTS.md in one go, results as JSON lines in the folder given (default:
 # benchmarks/gpu_results). By default what one device command (at most 9.1 minutes) must bring: the end-to-end fit with
-# the whole step recorded as one CUDA graph and each batch copied to the GPU beside it (`fast_gpu cuda_graph_step=True
-# compile_mode=default overlap_batch_copy=True`; on a fresh machine the HDF5 cache is written first and every kernel
+# the whole step recorded as one CUDA graph and each batch copied to the GPU beside it (`fast_gpu graph_step`; on a
+# fresh machine the HDF5 cache is written first and every kernel
 # compiled; run 5: 226 s on an H200), then the recorded step alone, whose row says whether its replays draw patchout
 # afresh (`replays_draw_afresh`), then, where at least 170 s are left, the same fit with the copy in line on the
 # compute stream (what `overlap_batch_copy` buys, on the same machine; the data set, its cache and the compiled kernels
@@ -42,7 +42,7 @@ if [ "${LEARNING:-0}" != 0 ]; then  # rows are kept as each run finishes, so a t
            --seeds 409194 1 2)
     label=fast_gpu faster=(fast_gpu)
     if [ "$LEARNING" = graph_step ]; then  # the whole step as one CUDA graph instead of fast_gpu as shipped
-        label=graph_step faster=(fast_gpu cuda_graph_step=True compile_mode=default overlap_batch_copy=True)
+        label=graph_step faster=(fast_gpu graph_step)
     fi
     timeout 250 "${learn[@]}" --label published --set accelerator=gpu precision=16-mixed  # the demo's is the CPU
     timeout 330 "${learn[@]}" --label "$label" --set "${faster[@]}" accelerator=gpu --reference published
@@ -61,14 +61,13 @@ elif [ "${STEP:-0}" = 1 ]; then
     timeout 545 "${step[@]}" --levers cuda_graphs recorded_step real_windows_graphs --evaluate-after \
         --profile-after recorded_step --profile-file "$out/profile_recorded_step.txt"  # rows kept as each finishes
 else  # the data set and its cache first
-    graph_step=(fast_gpu cuda_graph_step=True compile_mode=default)
     timeout 360 "${fit[@]}" --profile-steps 10 --profile-file "$out/fit_profile_recorded_step.txt" \
-        --log-file "$out/fit_run_recorded_step.log" "${graph_step[@]}" overlap_batch_copy=True "${cached[@]}"
+        --log-file "$out/fit_run_recorded_step.log" fast_gpu graph_step "${cached[@]}"
     timeout 220 "${step[@]}" --levers recorded_step
     left=$((545 - SECONDS))
     if [ "$left" -ge 170 ]; then
         timeout "$left" "${fit[@]}" --profile-steps 10 --profile-file "$out/fit_profile_copy_in_line.txt" \
-            --log-file "$out/fit_run_copy_in_line.log" "${graph_step[@]}" "${cached[@]}"
+            --log-file "$out/fit_run_copy_in_line.log" fast_gpu graph_step overlap_batch_copy=False "${cached[@]}"
     else
         echo "the fit with the copy in line skipped: ${left} s left of 545"
     fi
