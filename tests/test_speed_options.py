@@ -199,9 +199,14 @@ def test_counted_real_windows_compile_the_audio_encoder_twice_however_their_numb
     torch._dynamo.reset()
 
 
+def printed_config(*named: str) -> dict:
+    """The config `print_config with <named...>` shows, with a data folder so that the schema can check it."""
+    values = dict(ex.run("print_config", named_configs=list(named), options={"--loglevel": "ERROR"}).config)
+    return {**values, "directories": {"data_dir": "/tmp"}}
+
+
 def test_fast_gpu_adds_levers_to_the_published_defaults():
-    published = ex.run("print_config", options={"--loglevel": "ERROR"}).config
-    fast = ex.run("print_config", named_configs=["fast_gpu"], options={"--loglevel": "ERROR"}).config
+    published, fast = printed_config(), printed_config("fast_gpu")
     assert (published["precision"], published["audio_features"]["embed_all_windows"], published["compile"],
             published["audio_features"]["attention"], published["sentence_features"]["attention"]) == (
         "16-mixed", False, False, "sdpa", "sdpa")
@@ -219,16 +224,12 @@ def test_fast_gpu_adds_levers_to_the_published_defaults():
 def test_graph_step_after_fast_gpu_records_the_step_and_the_wrong_order_is_named():
     from experiments.config_schema import ConfigError, validate_config
 
-    def config(*named: str) -> dict:
-        values = dict(ex.run("print_config", named_configs=list(named), options={"--loglevel": "ERROR"}).config)
-        return {**values, "directories": {"data_dir": "/tmp"}}
-
-    fast, graph = config("fast_gpu"), config("fast_gpu", "graph_step")
+    fast, graph = printed_config("fast_gpu"), printed_config("fast_gpu", "graph_step")
     assert {key for key in fast if fast[key] != graph[key]} == {"cuda_graph_step", "compile_mode", "overlap_batch_copy"}
     assert (graph["cuda_graph_step"], graph["compile_mode"], graph["overlap_batch_copy"]) == (True, "default", True)
     validate_config(graph)  # every rule of the recorded step is met
     with pytest.raises(ConfigError, match="compile_mode='reduce-overhead': needs 'default'"):
-        validate_config(config("graph_step", "fast_gpu"))  # fast_gpu's compile mode, set after, wins
+        validate_config(printed_config("graph_step", "fast_gpu"))  # fast_gpu's compile mode, set after, wins
 
 
 # Where a GPU makes the host wait: a value read back (`.item()`, `float()`, a tensor in an `if`), or a result whose
